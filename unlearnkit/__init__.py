@@ -1,0 +1,19 @@
+"""unlearnkit: the helper package of a hands-on course in machine unlearning.
+
+The lessons live in the repository's ``notebooks/``; this package holds everything more than one
+lesson needs: data and splits (:mod:`.data`), models (:mod:`.models`), training (:mod:`.train`),
+evaluation (:mod:`.evaluate`), figures (:mod:`.plots`) and the unlearning methods
+(:mod:`.methods`).
+"""
+
+from .data import ImageDataset, Split, class_split, load_dataset, make_split, random_split, request_sequence
+from .device import get_device, seed_everything
+from .evaluate import comparison_table
+from .models import model_for
+from .train import Recipe, default_recipe, fit
+
+__version__ = "0.1.0"
+
+__all__ = ["ImageDataset", "Recipe", "Split", "class_split", "comparison_table", "default_recipe", "fit",
+           "get_device", "load_dataset", "make_split", "model_for", "random_split", "request_sequence",
+           "seed_everything"]

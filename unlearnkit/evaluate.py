@@ -1,0 +1,226 @@
+"""Measuring forgetting: accuracies, membership-inference attacks, distance to the retrain oracle,
+and the one comparison table every lesson uses (columns as in the course's EVALUATION design).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from sklearn.svm import SVC
+from torch import Tensor, nn
+
+from .data import ImageDataset, Split
+from .train import autocast
+
+TABLE_COLUMNS = ("forget acc", "retain acc", "test acc", "MIA", "gap", "JS to retrain", "seconds", "speed-up")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageDataset, indices: Tensor, batch_size: int = 2048) -> Tensor:
+    """Float32 logits of ``model`` on ``data[indices]`` (eval mode, batched, on the data's device).
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    indices = torch.as_tensor(indices).to(data.device)
+    out = []
+    with autocast(data.device):
+        for start in range(0, len(indices), batch_size):
+            out.append(model(data.images[indices[start:start + batch_size]]).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, data.num_classes, device=data.device)
+
+
+def accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) -> float:
+    """Share of ``data[indices]`` classified correctly, in [0, 1]."""
+    logits = predict_logits(model, data, indices)
+    return (logits.argmax(1) == data.labels[torch.as_tensor(indices).to(data.device)]).float().mean().item()
+
+
+def true_class_confidence(logits: Tensor, labels: Tensor) -> Tensor:
+    """p(y | x): the softmax probability of each sample's true label."""
+    return logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
+
+
+def confidences(model: nn.Module, data: ImageDataset, indices: Tensor) -> Tensor:
+    """p(y | x) of ``model`` for each of ``data[indices]``."""
+    indices = torch.as_tensor(indices).to(data.device)
+    return true_class_confidence(predict_logits(model, data, indices), data.labels[indices])
+
+
+def attack_auc(member_scores: Tensor, nonmember_scores: Tensor) -> float:
+    """AUC of telling members from non-members by a score (higher = "more likely a member").
+
+    0.5 means the attack cannot tell them apart; 1.0 means it separates them perfectly.
+    """
+    scores = torch.cat([member_scores, nonmember_scores]).double().cpu().numpy()
+    truth = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    return float(roc_auc_score(truth, scores))
+
+
+def threshold_attack(model: nn.Module, data: ImageDataset, members: Tensor, nonmembers: Tensor) -> float:
+    """The confidence-threshold membership attack: AUC of separating ``members`` from ``nonmembers``
+    by p(y | x). For unlearning, members = the forget set, non-members = the test set; the target
+    is the retrain oracle's value, not 0.5, when the two sets differ in distribution."""
+    return attack_auc(confidences(model, data, members), confidences(model, data, nonmembers))
+
+
+def mia_efficacy(model: nn.Module, data: ImageDataset, split: Split, *, max_per_class: int = 1000,
+                 seed: int = 0) -> float:
+    """MIA-efficacy (the SVC attack of the l1-sparse and SalUn papers), in [0, 1].
+
+    An RBF SVM learns to tell retain samples (members) from test samples (non-members) by their
+    confidence p(y | x), on a balanced subsample of at most ``max_per_class`` of each so the fit
+    takes a second; it is then applied to the forget set. Returned: the share of forget samples
+    it calls *non-members*. Higher = more forgotten; compare with the retrain oracle's value.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n = min(len(split.retain), len(split.test), max_per_class)
+    members = split.retain[torch.randperm(len(split.retain), generator=generator)[:n]]
+    nonmembers = split.test[torch.randperm(len(split.test), generator=generator)[:n]]
+    features = confidences(model, data, torch.cat([members, nonmembers])).double().cpu().numpy()[:, None]
+    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features, np.r_[np.ones(n), np.zeros(n)])
+    forget_features = confidences(model, data, split.forget).double().cpu().numpy()[:, None]
+    return float((attack.predict(forget_features) == 0).mean())
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) between rows of two probability tensors."""
+    m = 0.5 * (p + q)
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return (a * (a.clamp_min(1e-12).log() - b.clamp_min(1e-12).log())).sum(1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def js_to_oracle(model: nn.Module, oracle: nn.Module, data: ImageDataset, split: Split) -> float:
+    """Mean JS divergence between ``model``'s and the oracle's outputs, averaged over D_f and D_t."""
+    values = []
+    for indices in (split.forget, split.test):
+        p = predict_logits(model, data, indices).softmax(1)
+        q = predict_logits(oracle, data, indices).softmax(1)
+        values.append(js_divergence(p, q).mean().item())
+    return float(np.mean(values))
+
+
+def evaluate_model(model: nn.Module, data: ImageDataset, split: Split, *, seed: int = 0) -> dict[str, float]:
+    """The per-model columns of the table: forget / retain / test accuracy and MIA-efficacy, in %."""
+    return {
+        "forget acc": 100 * accuracy(model, data, split.forget),
+        "retain acc": 100 * accuracy(model, data, split.retain),
+        "test acc": 100 * accuracy(model, data, split.test),
+        "MIA": 100 * mia_efficacy(model, data, split, seed=seed),
+    }
+
+
+def comparison_table(rows: Mapping[str, object], data: ImageDataset, split: Split, *, oracle: str = "retrain",
+                     seed: int = 0) -> pd.DataFrame:
+    """The course's comparison table, retrain oracle first.
+
+    Args:
+        rows: name -> an unlearning result (anything with ``.model`` and ``.seconds``) or a
+            ``(model, seconds)`` pair; must include the oracle's row.
+        oracle: the name of the retrain row; ``gap``, ``JS to retrain`` and ``speed-up`` are
+            measured against it.
+
+    Returns:
+        A DataFrame indexed by method with the columns ``forget acc``, ``retain acc``,
+        ``test acc``, ``MIA`` (MIA-efficacy; all in %), ``gap`` (mean absolute difference from
+        the oracle over those four, in percentage points), ``JS to retrain`` (mean JS divergence
+        of the outputs on D_f and D_t), ``seconds`` and ``speed-up`` (oracle seconds / seconds).
+    """
+    if oracle not in rows:
+        raise ValueError(f"the table needs the retrain oracle's row {oracle!r}; got rows {list(rows)}")
+
+    def unpack(row) -> tuple[nn.Module, float]:
+        if hasattr(row, "model") and hasattr(row, "seconds"):
+            return row.model, float(row.seconds)
+        model, seconds = row
+        return model, float(seconds)
+
+    oracle_model, oracle_seconds = unpack(rows[oracle])
+    records = {}
+    for name in [oracle, *[n for n in rows if n != oracle]]:
+        model, seconds = unpack(rows[name])
+        records[name] = evaluate_model(model, data, split, seed=seed)
+        records[name]["JS to retrain"] = 0.0 if name == oracle else js_to_oracle(model, oracle_model, data, split)
+        records[name]["seconds"] = seconds
+        records[name]["speed-up"] = oracle_seconds / seconds if seconds > 0 else math.inf
+    table = pd.DataFrame.from_dict(records, orient="index")
+    metric_columns = ["forget acc", "retain acc", "test acc", "MIA"]
+    table["gap"] = (table[metric_columns] - table.loc[oracle, metric_columns]).abs().mean(axis=1)
+    table.index.name = "method"
+    return table[list(TABLE_COLUMNS)]
+
+
+# --------------------------------------------------------------------------------------------
+# LiRA, offline variant (Carlini et al. 2022)
+# --------------------------------------------------------------------------------------------
+
+
+def scaled_logit_confidence(logits: Tensor, labels: Tensor) -> Tensor:
+    """LiRA's statistic: log p(y|x) - log(1 - p(y|x)), computed stably from the logits.
+
+    Unlike p itself, it is close to Gaussian across models, which is what the attack assumes.
+    """
+    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, labels.view(-1, 1), float("-inf")).logsumexp(1)
+    return true - others
+
+
+def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in: Tensor,
+                 min_out: int = 2) -> Tensor:
+    """Per-example membership scores of the offline likelihood-ratio attack.
+
+    Args:
+        target_statistic: ``[n]`` scaled-logit confidences of the attacked model.
+        shadow_statistics: ``[K, n]`` the same statistic under K shadow models.
+        shadow_in: ``[K, n]`` bool, whether each example was in each shadow's training set.
+        min_out: examples with fewer OUT shadows than this get a score of 0.5 (no evidence).
+
+    Returns:
+        ``[n]`` scores in [0, 1]: the Gaussian CDF of how far the target's confidence lies above
+        what models that never saw the example produce. High = likely a member.
+    """
+    out = ~shadow_in
+    count = out.sum(0)
+    if (count < min_out).all():
+        raise ValueError(f"no example has {min_out} or more OUT shadow models; train more shadows")
+    stats = shadow_statistics.double()
+    mean = (stats * out).sum(0) / count.clamp_min(1)
+    var = (((stats - mean) ** 2) * out).sum(0) / (count - 1).clamp_min(1)
+    std = var.sqrt().clamp_min(1e-3)  # a global floor: few shadows can agree to the last digit
+    z = (target_statistic.double() - mean) / std
+    score = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    return torch.where(count >= min_out, score, torch.full_like(score, 0.5)).float()
+
+
+def shadow_statistics(shadow_models: list[nn.Module], data: ImageDataset, indices: Tensor) -> Tensor:
+    """``[K, n]`` scaled-logit confidences of each shadow model on ``data[indices]``."""
+    indices = torch.as_tensor(indices).to(data.device)
+    labels = data.labels[indices]
+    return torch.stack([scaled_logit_confidence(predict_logits(m, data, indices), labels) for m in shadow_models])
+
+
+def per_class_accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) -> Tensor:
+    """Accuracy of ``model`` on each class among ``data[indices]`` (NaN for a class with no sample)."""
+    indices = torch.as_tensor(indices).to(data.device)
+    correct = (predict_logits(model, data, indices).argmax(1) == data.labels[indices]).float()
+    labels = data.labels[indices]
+    totals = torch.bincount(labels, minlength=data.num_classes).float()
+    hits = torch.bincount(labels, weights=correct, minlength=data.num_classes)
+    return torch.where(totals > 0, hits / totals.clamp_min(1), torch.full_like(totals, float("nan"))).cpu()
+
+
+def cross_entropy(model: nn.Module, data: ImageDataset, indices: Tensor) -> Tensor:
+    """Per-sample cross-entropy losses of ``model`` on ``data[indices]``."""
+    indices = torch.as_tensor(indices).to(data.device)
+    return F.cross_entropy(predict_logits(model, data, indices), data.labels[indices], reduction="none")

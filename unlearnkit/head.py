@@ -1,0 +1,71 @@
+"""The classifier head in closed form: features, per-sample gradients and the exact Hessian.
+
+For a linear softmax head ``z = W h + b`` with cross-entropy loss, the gradient of one sample's
+loss is ``(p - e_y) [h; 1]^T`` and the Hessian of the mean loss is
+``mean_i (diag(p_i) - p_i p_i^T) ⊗ [h_i; 1][h_i; 1]^T``. Influence functions, IMU and MIMU all
+work at this level ("classifier level"), with the backbone frozen, so the formulas live here once.
+
+Parameters are flattened as ``[W.flatten(), b]`` (row-major ``W``: class by feature), matching
+``torch.cat([head.weight.flatten(), head.bias])``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .data import ImageDataset
+from .models import head_of
+from .train import autocast
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, data: ImageDataset, indices: Tensor, batch_size: int = 2048) -> Tensor:
+    """The features the head sees (``model.features(x)``) for ``data[indices]``, in float32, eval mode."""
+    head_of(model)
+    was_training = model.training
+    model.eval()
+    indices = torch.as_tensor(indices).to(data.device)
+    out = []
+    with autocast(data.device):
+        for start in range(0, len(indices), batch_size):
+            out.append(model.features(data.images[indices[start:start + batch_size]]).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def flat_head_params(head: nn.Linear) -> Tensor:
+    """``[W.flatten(), b]`` as one detached vector."""
+    return torch.cat([head.weight.detach().flatten(), head.bias.detach()])
+
+
+def per_sample_head_grads(features: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """``[n, C*(d+1)]`` gradients of each sample's cross-entropy w.r.t. the flattened head.
+
+    Closed form ``(p_i - e_{y_i}) [h_i; 1]^T``: one batched outer product, no loop over samples.
+    """
+    residual = logits.softmax(1)
+    residual[torch.arange(len(labels), device=labels.device), labels] -= 1
+    grad_w = residual[:, :, None] * features[:, None, :]
+    return torch.cat([grad_w.flatten(1), residual], dim=1)
+
+
+def head_hessian(features: Tensor, logits: Tensor, damping: float = 0.0, weight_decay: float = 0.0) -> Tensor:
+    """Exact Hessian of the mean cross-entropy w.r.t. the flattened head, ``[P, P]`` with ``P = C*(d+1)``.
+
+    ``damping`` adds ``λI`` (keeps it invertible); ``weight_decay`` adds the Hessian of
+    ``weight_decay/2 * ||W||²`` (weights only, not the bias).
+    """
+    n, d = features.shape
+    c = logits.shape[1]
+    p = logits.softmax(1).double()
+    h = torch.cat([features.double(), torch.ones(n, 1, dtype=torch.float64, device=features.device)], 1)
+    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]          # [n, C, C]
+    # H[(a,i),(b,j)] = mean_n curvature[n,a,b] h[n,i] h[n,j]; then reorder to [W.flatten(), b].
+    full = torch.einsum("nab,ni,nj->aibj", curvature, h, h) / n               # [C, d+1, C, d+1]
+    order = torch.cat([torch.arange(c * (d + 1)).view(c, d + 1)[:, :d].flatten(),
+                       torch.arange(c * (d + 1)).view(c, d + 1)[:, d]])
+    hessian = full.reshape(c * (d + 1), c * (d + 1))[order][:, order]
+    diagonal = torch.full((c * (d + 1),), damping, dtype=torch.float64, device=features.device)
+    diagonal[: c * d] += weight_decay
+    return (hessian + torch.diag(diagonal)).to(features.dtype)

@@ -1,0 +1,250 @@
+"""One training loop for every model of the course, and a cache of trained models.
+
+The data never leaves the device: each epoch draws a permutation of the training indices and
+slices GPU-resident batches out of the whole-dataset tensor. On CUDA the loop adds bf16/fp16
+autocast, channels_last and a fused optimizer; on the CPU it is seeded and bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import ImageDataset, data_root
+from .device import synchronize
+from .models import Classifier, model_for
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines how a model is trained (and so, with the data, what it becomes).
+
+    Attributes:
+        epochs: passes over the training indices.
+        batch_size: samples per step.
+        lr: peak learning rate.
+        optimizer: ``"sgd"`` (with Nesterov momentum) or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty applied by the optimizer.
+        schedule: ``"onecycle"`` (warm up then anneal; fast and robust), ``"cosine"`` or ``"constant"``.
+        label_smoothing: cross-entropy label smoothing.
+        augment: ``"flip-crop"`` (random 4-pixel-padded crops and horizontal flips, done on the
+            device in batches; for CIFAR) or ``None``.
+    """
+
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    augment: str | None = None
+
+    def with_(self, **changes) -> "Recipe":
+        """A copy with some fields changed: ``recipe.with_(epochs=2)``."""
+        return replace(self, **changes)
+
+
+def default_recipe(data: ImageDataset, arch: str = "mlp", quick: bool = True) -> Recipe:
+    """The recipe the course uses for ``arch`` on ``data``, in quick or full mode."""
+    if arch == "resnet18":
+        return Recipe(epochs=2 if quick else 30, batch_size=256, lr=0.2, label_smoothing=0.1,
+                      augment="flip-crop" if data.name == "cifar10" else None)
+    if arch == "cnn":
+        return Recipe(epochs=4 if quick else 12, batch_size=128, lr=0.05,
+                      augment="flip-crop" if data.name == "cifar10" else None)
+    return Recipe(epochs=8 if quick else 15, batch_size=128, lr=0.05)
+
+
+@dataclass
+class TrainLog:
+    """What a training run did: mean loss per epoch and the wall-clock seconds."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def batches(indices: Tensor, batch_size: int, generator: torch.Generator | None = None,
+            shuffle: bool = True) -> Iterator[Tensor]:
+    """Yield batches of indices (a fresh permutation when ``shuffle``); a last batch of one is dropped,
+    since batch norm cannot train on a single sample."""
+    order = indices[torch.randperm(len(indices), generator=generator)] if shuffle else indices
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        if len(chunk) > 1 or len(order) == 1:
+            yield chunk
+
+
+def flip_crop(images: Tensor, generator: torch.Generator | None = None, pad: int = 4) -> Tensor:
+    """Random horizontal flips and padded random crops of a batch, on whatever device it is on."""
+    n, _, h, w = images.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dx, dy = (torch.randint(0, 2 * pad + 1, (2,), generator=generator)).tolist()  # one shift per batch: cheap
+    return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def make_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer a recipe names (fused on CUDA, where that is faster)."""
+    extra = {"fused": True} if device.type == "cuda" else {}
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0,
+                               weight_decay=recipe.weight_decay, **extra)
+    if recipe.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
+
+
+def _make_schedule(optimizer, recipe: Recipe, total_steps: int):
+    if recipe.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=max(total_steps, 1),
+                                                   pct_start=0.25, anneal_strategy="linear")
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if recipe.schedule == "constant":
+        return None
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; use 'onecycle', 'cosine' or 'constant'")
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_model(model: nn.Module, data: ImageDataset, indices: Tensor, recipe: Recipe, *, seed: int = 0,
+                progress: bool = True, desc: str = "training") -> TrainLog:
+    """Train ``model`` in place on ``data[indices]`` with ``recipe``; return the :class:`TrainLog`.
+
+    Reproducible on the CPU for a given ``seed`` (batch order and augmentation are drawn from it).
+    On CUDA it uses mixed precision and, for conv nets, channels_last.
+    """
+    if len(indices) == 0:
+        raise ValueError("cannot train on an empty index set")
+    device = data.device
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.as_tensor(indices).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), recipe, device)
+    steps_per_epoch = sum(1 for _ in batches(indices, recipe.batch_size, shuffle=False))
+    schedule = _make_schedule(optimizer, recipe, recipe.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    log = TrainLog()
+    model.train()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in tqdm(range(recipe.epochs), desc=desc, leave=False, disable=not progress, mininterval=1.0):
+        total = torch.zeros((), device=device)
+        for batch in batches(indices, recipe.batch_size, generator):
+            x, y = data.images[batch], data.labels[batch]
+            if recipe.augment == "flip-crop":
+                x = flip_crop(x, generator)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if schedule is not None:
+                schedule.step()
+            total += loss.detach() * len(batch)
+        log.epoch_losses.append(total.item() / len(indices))  # one sync per epoch, not per step
+    synchronize(device)
+    log.seconds = time.perf_counter() - start
+    if not torch.isfinite(torch.tensor(log.epoch_losses[-1])):
+        raise FloatingPointError(f"training diverged (loss {log.epoch_losses[-1]}) with lr={recipe.lr}; "
+                                 "lower the learning rate")
+    model.eval()
+    return log
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the cache of trained models
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically: a reader sees the old
+    file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (no pickled code runs)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def cache_dir() -> Path:
+    """Where trained models are cached: ``<data root>/cache/models``."""
+    return data_root() / "cache" / "models"
+
+
+def _cache_key(model: Classifier, data: ImageDataset, indices: Tensor, recipe: Recipe, seed: int) -> str:
+    indices = torch.as_tensor(indices).cpu().long()
+    description = {
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()},
+        "data": [data.name, len(data), data.n_train_pool],
+        "indices": hashlib.sha256(indices.numpy().tobytes()).hexdigest(),
+        "labels": hashlib.sha256(data.labels.cpu()[indices].numpy().tobytes()).hexdigest(),
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "device": data.device.type,  # timings differ by device, so models trained elsewhere are not reused
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def fit(data: ImageDataset, indices: Tensor, recipe: Recipe, *, arch: str = "mlp", seed: int = 0,
+        cache: bool = True, progress: bool = True, desc: str = "training", **model_kwargs,
+        ) -> tuple[Classifier, float]:
+    """Train a fresh ``arch`` model on ``data[indices]``; return ``(model, training seconds)``.
+
+    With ``cache=True`` a model trained before with exactly the same architecture, data, indices,
+    recipe, seed and device type is loaded instead (its recorded training seconds are returned, so
+    speed-ups stay honest). A cache file that cannot be read is rebuilt, never trusted.
+    """
+    model = model_for(data, arch, seed=seed, **model_kwargs)
+    path = cache_dir() / f"{_cache_key(model, data, indices, recipe, seed)}.pt"
+    if cache and path.exists():
+        try:
+            saved = load_checkpoint(path, data.device)
+            model.load_state_dict(saved["state_dict"])
+            model.eval()
+            return model, float(saved["seconds"])
+        except Exception as error:  # a truncated or foreign file: retrain and overwrite it
+            warnings.warn(f"ignoring unreadable cached model {path.name} ({type(error).__name__}); retraining",
+                          stacklevel=2)
+            model = model_for(data, arch, seed=seed, **model_kwargs)
+    log = train_model(model, data, indices, recipe, seed=seed, progress=progress, desc=desc)
+    if cache:
+        save_checkpoint(path, {"state_dict": model.state_dict(), "seconds": log.seconds})
+    return model, log.seconds
