@@ -14,6 +14,9 @@ from .train import Recipe, default_recipe, fit
 
 __version__ = "0.1.0"
 
+#: Where the course lives; the README's Colab links and every lesson's Colab cell use this URL.
+REPOSITORY_URL = "https://github.com/unlearnkit/unlearnkit"
+
 __all__ = ["ImageDataset", "Recipe", "Split", "class_split", "comparison_table", "default_recipe", "fit",
            "get_device", "load_dataset", "make_split", "model_for", "random_split", "request_sequence",
            "seed_everything"]

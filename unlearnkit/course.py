@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     course.add_argument("--out", type=Path, default=Path("course-output"), help="output folder")
     course.add_argument("--only", default=None, help="run only lessons whose file name contains this")
     course.add_argument("--no-html", dest="html", action="store_false", help="skip the HTML renderings")
+    course.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of the lessons")
     args = parser.parse_args(argv)
 
     runs = run_course(args.out, quick=args.quick, dataset=args.dataset, device=args.device, seed=args.seed,
-                      only=args.only, html=args.html)
+                      only=args.only, html=args.html, notebooks_dir=args.notebooks)
     failed = [r for r in runs if not r.ok]
     print(f"\n{len(runs) - len(failed)} passed, {len(failed)} failed; executed notebooks, HTML and summary.md "
           f"in {args.out}")

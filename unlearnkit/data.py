@@ -96,7 +96,7 @@ class ImageDataset:
         """``data[idx]`` gives ``(images, labels)`` of those global indices."""
         return self.images[index], self.labels[index]
 
-    def to(self, device: torch.device | str) -> "ImageDataset":
+    def to(self, device: torch.device | str) -> ImageDataset:
         """The same dataset with its tensors on ``device``."""
         return ImageDataset(self.name, self.images.to(device), self.labels.to(device), self.n_train_pool,
                             self.classes, self.mean, self.std)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .data import ImageDataset, Split
-from .train import autocast
+from .train import Recipe, autocast, fit
 
 TABLE_COLUMNS = ("forget acc", "retain acc", "test acc", "MIA", "gap", "JS to retrain", "seconds", "speed-up")
 
@@ -63,6 +64,16 @@ def attack_auc(member_scores: Tensor, nonmember_scores: Tensor) -> float:
     scores = torch.cat([member_scores, nonmember_scores]).double().cpu().numpy()
     truth = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     return float(roc_auc_score(truth, scores))
+
+
+def tpr_at_fpr(member_scores: Tensor, nonmember_scores: Tensor, fpr: float = 0.01) -> float:
+    """True-positive rate of the attack at the threshold that flags a share ``fpr`` of non-members.
+
+    The low-FPR regime is what matters for privacy: an attack that confidently identifies a few
+    members is dangerous even when its AUC is near 0.5 (Carlini et al. 2022).
+    """
+    threshold = torch.quantile(nonmember_scores.double().cpu(), 1 - fpr)
+    return (member_scores.double().cpu() > threshold).double().mean().item()
 
 
 def threshold_attack(model: nn.Module, data: ImageDataset, members: Tensor, nonmembers: Tensor) -> float:
@@ -176,19 +187,24 @@ def scaled_logit_confidence(logits: Tensor, labels: Tensor) -> Tensor:
     return true - others
 
 
-def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in: Tensor,
-                 min_out: int = 2) -> Tensor:
-    """Per-example membership scores of the offline likelihood-ratio attack.
+def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in: Tensor, *,
+                 fixed_variance: bool = True, min_out: int = 2) -> Tensor:
+    """Per-example membership scores of the offline likelihood-ratio attack (LiRA).
+
+    For each example, the shadow models that did *not* train on it (OUT) show what its confidence
+    looks like when it is not a member; the attack measures how far the target model's confidence
+    lies above that, in standard deviations.
 
     Args:
         target_statistic: ``[n]`` scaled-logit confidences of the attacked model.
         shadow_statistics: ``[K, n]`` the same statistic under K shadow models.
         shadow_in: ``[K, n]`` bool, whether each example was in each shadow's training set.
-        min_out: examples with fewer OUT shadows than this get a score of 0.5 (no evidence).
+        fixed_variance: use one variance pooled over all examples (the paper's choice when there are
+            few shadow models) instead of a per-example one.
+        min_out: examples with fewer OUT shadows than this get a score of 0 (no evidence).
 
     Returns:
-        ``[n]`` scores in [0, 1]: the Gaussian CDF of how far the target's confidence lies above
-        what models that never saw the example produce. High = likely a member.
+        ``[n]`` z-scores ``(target - mean_out) / std_out``: high = likely a member.
     """
     out = ~shadow_in
     count = out.sum(0)
@@ -196,11 +212,31 @@ def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in:
         raise ValueError(f"no example has {min_out} or more OUT shadow models; train more shadows")
     stats = shadow_statistics.double()
     mean = (stats * out).sum(0) / count.clamp_min(1)
-    var = (((stats - mean) ** 2) * out).sum(0) / (count - 1).clamp_min(1)
-    std = var.sqrt().clamp_min(1e-3)  # a global floor: few shadows can agree to the last digit
-    z = (target_statistic.double() - mean) / std
-    score = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    return torch.where(count >= min_out, score, torch.full_like(score, 0.5)).float()
+    squared = ((stats - mean) ** 2) * out
+    if fixed_variance:
+        var = squared.sum() / (count - 1).clamp_min(0).sum().clamp_min(1)
+    else:
+        var = squared.sum(0) / (count - 1).clamp_min(1)
+    z = (target_statistic.double() - mean) / var.sqrt().clamp_min(1e-6)
+    return torch.where(count >= min_out, z, torch.zeros_like(z)).float()
+
+
+def train_shadow_models(data: ImageDataset, pool: Tensor, count: int, recipe: Recipe, *, arch: str = "mlp",
+                        seed: int = 0, progress: bool = True) -> tuple[list[nn.Module], Tensor]:
+    """Train ``count`` shadow models, each on a random half of ``pool``, for LiRA.
+
+    Returns the models and a ``[count, len(pool)]`` bool tensor saying which pool members each
+    shadow trained on (column ``j`` is ``pool[j]``). Models come from the model cache when they can.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.as_tensor(pool).cpu()
+    models, membership = [], []
+    for k in tqdm(range(count), desc="shadow models", leave=False, disable=not progress):
+        half = pool[torch.randperm(len(pool), generator=generator)[: len(pool) // 2]].sort().values
+        model, _ = fit(data, half, recipe, arch=arch, seed=seed * 1000 + k, progress=False)
+        models.append(model)
+        membership.append(torch.isin(pool, half))
+    return models, torch.stack(membership)
 
 
 def shadow_statistics(shadow_models: list[nn.Module], data: ImageDataset, indices: Tensor) -> Tensor:

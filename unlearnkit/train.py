@@ -54,7 +54,7 @@ class Recipe:
     label_smoothing: float = 0.0
     augment: str | None = None
 
-    def with_(self, **changes) -> "Recipe":
+    def with_(self, **changes) -> Recipe:
         """A copy with some fields changed: ``recipe.with_(epochs=2)``."""
         return replace(self, **changes)
 
@@ -172,7 +172,7 @@ def train_model(model: nn.Module, data: ImageDataset, indices: Tensor, recipe: R
     synchronize(device)
     log.seconds = time.perf_counter() - start
     if not torch.isfinite(torch.tensor(log.epoch_losses[-1])):
-        raise FloatingPointError(f"training diverged (loss {log.epoch_losses[-1]}) with lr={recipe.lr}; "
+        raise FloatingPointError(f"training diverged (loss {log.epoch_losses[-1]}) with lr={recipe.lr:g}; "
                                  "lower the learning rate")
     model.eval()
     return log

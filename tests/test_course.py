@@ -1,0 +1,61 @@
+"""The course runner, and the conventions every committed lesson keeps."""
+
+import json
+
+import nbformat
+
+from unlearnkit import REPOSITORY_URL
+from unlearnkit.course import lesson_notebooks, main
+from unlearnkit.data import REPO_ROOT
+
+
+def _notebook(path, *sources, check_cells=()):
+    cells = [nbformat.v4.new_code_cell("QUICK = False", metadata={"tags": ["parameters"]})]
+    cells += [nbformat.v4.new_code_cell(src, metadata={"tags": ["check"] if i in check_cells else []})
+              for i, src in enumerate(sources)]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_course_command_runs_lessons_in_order_and_names_the_failing_cell(tmp_path, capsys):
+    lessons = tmp_path / "notebooks"
+    lessons.mkdir()
+    _notebook(lessons / "00_ok.ipynb", "assert QUICK is True", check_cells=(0,))
+    _notebook(lessons / "01_broken.ipynb", "x = 1", "raise RuntimeError('boom')")
+    _notebook(lessons / "notes.ipynb", "raise SystemExit")  # not a numbered lesson: not run
+    out = tmp_path / "out"
+
+    status = main(["course", "--quick", "--device", "cpu", "--out", str(out), "--notebooks", str(lessons)])
+
+    assert status == 1
+    printed = capsys.readouterr()
+    assert "FAILED 01_broken.ipynb, cell" in printed.err and "RuntimeError: boom" in printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"] == {"QUICK": True, "DATASET": "embedded", "DEVICE": "cpu", "SEED": 0}
+    runs = {r["notebook"]: r for r in summary["runs"]}
+    assert list(runs) == ["00_ok.ipynb", "01_broken.ipynb"]
+    assert runs["00_ok.ipynb"]["ok"] and runs["00_ok.ipynb"]["checks"] == 1
+    assert not runs["01_broken.ipynb"]["ok"] and runs["01_broken.ipynb"]["failed_cell"] is not None
+    assert (out / "00_ok.html").exists() and (out / "01_broken.ipynb").exists()
+    assert "1 passed, 1 failed" in (out / "summary.md").read_text()
+
+
+def test_every_lesson_keeps_the_conventions():
+    for path in lesson_notebooks():
+        nb = nbformat.read(path, as_version=4)
+        tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
+        assert sum("parameters" in t for t in tags) == 1, f"{path.name}: needs exactly one 'parameters' cell"
+        assert any("check" in t for t in tags), f"{path.name}: no Check cell"
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name}: strip outputs"
+        colab = [c.source for c in nb.cells if "google.colab" in c.source and "git clone" in c.source]
+        assert colab and REPOSITORY_URL in colab[0], f"{path.name}: the Colab cell must clone {REPOSITORY_URL}"
+        text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        assert "<details>" in text, f"{path.name}: exercises need revealable solutions"
+
+
+def test_readme_links_every_lesson_to_colab_at_the_one_repository_url():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for path in lesson_notebooks():
+        assert f"{REPOSITORY_URL.removeprefix('https://github.com/')}/blob/main/notebooks/{path.name}" in readme, \
+            f"README has no Colab link for {path.name}"

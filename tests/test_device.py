@@ -1,0 +1,36 @@
+import sys
+
+import pytest
+import torch
+
+from unlearnkit.device import get_device, seed_everything
+
+
+def test_auto_picks_an_available_device_and_says_which(capsys):
+    device = get_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert device.type == expected
+    assert "Using" in capsys.readouterr().out
+
+
+def test_asking_for_a_missing_gpu_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        get_device("cuda")
+
+
+def test_colab_without_gpu_gets_instructions(monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    get_device()
+    assert "Change runtime type" in capsys.readouterr().out
+
+
+def test_seed_everything_makes_draws_repeat():
+    seed_everything(5)
+    a = torch.rand(3)
+    seed_everything(5)
+    assert torch.equal(a, torch.rand(3))

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from unlearnkit.methods import METHODS, UnlearningResult, get_method, register, unlearn
+from unlearnkit.models import model_for
+from unlearnkit.train import Recipe, fit
+
+RECIPE = Recipe(epochs=2, batch_size=128, lr=0.05)
+
+
+def test_every_registered_method_follows_the_convention_and_never_mutates_its_input(data, small_split):
+    """Retrain is the first method; later modules register theirs. Each gets the original and must leave it be."""
+    assert next(iter(METHODS)) == "retrain"
+    original, _ = fit(data, small_split.train, RECIPE, progress=False)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    result = unlearn("retrain", original, data, small_split, recipe=RECIPE)
+    assert isinstance(result, UnlearningResult) and result.method == "retrain" and result.seconds > 0
+    assert result.model is not original
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+    assert result.details["trained_on"] == len(small_split.retain)
+
+
+def test_retrain_is_training_on_the_retain_set_with_the_same_recipe(data, small_split):
+    original, _ = fit(data, small_split.train, RECIPE, seed=3, progress=False)
+    oracle = unlearn("retrain", original, data, small_split, recipe=RECIPE, seed=3).model
+    reference, _ = fit(data, small_split.retain, RECIPE, seed=3, cache=False, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(oracle.state_dict().values(), reference.state_dict().values()))
+
+
+def test_registry_errors_are_clear(data, small_split):
+    with pytest.raises(KeyError, match="no unlearning method 'magic'"):
+        get_method("magic")
+    with pytest.raises(ValueError, match="already registered"):
+        register("retrain")(lambda *a, **k: None)
+    with pytest.raises(TypeError, match="Classifier"):
+        unlearn("retrain", torch.nn.Linear(2, 2), data, small_split, recipe=RECIPE)
+
+
+def test_models_built_for_the_data_can_be_retrained(data, small_split):
+    model = model_for(data, "mlp", seed=0, hidden=(32,))
+    result = unlearn("retrain", model, data, small_split, recipe=RECIPE.with_(epochs=1))
+    assert result.model.config["hidden"] == (32,)

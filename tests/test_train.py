@@ -1,0 +1,70 @@
+import warnings
+
+import pytest
+import torch
+
+from unlearnkit.evaluate import accuracy
+from unlearnkit.train import Recipe, batches, cache_dir, fit, flip_crop, load_checkpoint, save_checkpoint
+
+RECIPE = Recipe(epochs=3, batch_size=128, lr=0.05)
+
+
+def test_training_learns_and_is_reproducible_on_cpu(data, small_split):
+    a, seconds = fit(data, small_split.train, RECIPE, seed=0, cache=False, progress=False)
+    b, _ = fit(data, small_split.train, RECIPE, seed=0, cache=False, progress=False)
+    assert seconds > 0
+    assert accuracy(a, data, small_split.test) > 0.7
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_cache_returns_the_same_model_and_its_recorded_seconds(data, small_split):
+    a, seconds_a = fit(data, small_split.train, RECIPE, seed=0, progress=False)
+    files = list(cache_dir().glob("*.pt"))
+    assert len(files) == 1
+    b, seconds_b = fit(data, small_split.train, RECIPE, seed=0, progress=False)
+    assert seconds_a == seconds_b
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    fit(data, small_split.retain, RECIPE, seed=0, progress=False)  # other indices: another entry
+    fit(data, small_split.train, RECIPE.with_(epochs=2), seed=0, progress=False)  # other recipe: another entry
+    assert len(list(cache_dir().glob("*.pt"))) == 3
+
+
+def test_a_corrupted_cache_file_is_rebuilt_not_trusted(data, small_split):
+    a, _ = fit(data, small_split.train, RECIPE, seed=0, progress=False)
+    (path,) = cache_dir().glob("*.pt")
+    path.write_bytes(b"this is not a checkpoint")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b, _ = fit(data, small_split.train, RECIPE, seed=0, progress=False)
+    assert any("unreadable cached model" in str(w.message) for w in caught)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert load_checkpoint(path)["state_dict"].keys() == a.state_dict().keys()
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": print}, path)  # a function, not weights
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(path)
+    save_checkpoint(tmp_path / "ok.pt", {"w": torch.ones(2), "seconds": 1.5})
+    assert load_checkpoint(tmp_path / "ok.pt")["seconds"] == 1.5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_batches_cover_every_index_once_and_drop_a_lone_last_sample():
+    idx = torch.arange(10)
+    got = torch.cat(list(batches(idx, 3, torch.Generator().manual_seed(0))))
+    assert len(got) == 9 and got.unique().numel() == 9 and got.max() <= 9  # 3+3+3, the lone tenth dropped
+    assert len(torch.cat(list(batches(torch.arange(9), 4, shuffle=False)))) == 8
+    assert len(torch.cat(list(batches(torch.arange(10), 4, shuffle=False)))) == 10
+
+
+def test_flip_crop_keeps_shape_and_pixels_from_the_image():
+    x = torch.randint(1, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = flip_crop(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_divergence_is_reported_with_the_step_size(data, small_split):
+    with pytest.raises(FloatingPointError, match="lr=1e\\+06"):
+        fit(data, small_split.train, Recipe(epochs=1, lr=1e6, schedule="constant"), cache=False, progress=False)
