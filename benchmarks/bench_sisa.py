@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -99,7 +100,8 @@ def main() -> None:
     record = {
         "benchmark": "sisa", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "device_type": DEVICE.type, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "data": setting.data.name, "n_train": len(setting.split.train),
+        "threads": torch.get_num_threads(), "load_average_1_5_15": list(os.getloadavg()),
+        "data": setting.data.name, "n_train": len(setting.split.train),
         "arch": setting.arch, "recipe": setting.recipe.__dict__, "repeats_after_warmup": args.repeats,
         "deletion": deletions, "vmap_vs_sequential": stacked,
     }
@@ -108,7 +110,9 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     lines = [f"# SISA on {device_name} ({record['date']}, torch {record['torch']}, {record['threads']} threads)",
              "", f"{record['n_train']} training samples, {record['arch']}, medians of {args.repeats} runs after a "
-             "warm-up. Deletion = one random training sample; S = R = 1 is a full retrain.", "",
+             "warm-up. Deletion = one random training sample; S = R = 1 is a full retrain. Load average "
+             f"during the run: {record['load_average_1_5_15'][1]:.1f} (5 min) on {os.cpu_count()} CPUs; wall-clock "
+             "ratios on a loaded machine are noisy, the cost fraction (sample-gradient evaluations) is not.", "",
              "| S | R | test acc | train s | delete s | speed-up vs retrain | cost fraction | model (2R+1)/(3RS) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in deletions:

@@ -8,7 +8,7 @@ from torch_geometric.nn import GCNConv
 from unlearnkit.data import class_split, load_dataset, random_split
 from unlearnkit.methods import mimu as M
 from unlearnkit.methods.base import METHODS
-from unlearnkit.models import model_for
+from unlearnkit.models import head_of, model_for
 from unlearnkit.train import Recipe, fit
 
 
@@ -102,7 +102,7 @@ def test_likelihood_term_sends_gradient_to_the_control_unit(setting):
 @pytest.fixture(scope="module")
 def trained(setting):
     data, split, model = setting
-    return M.train_controller(model, data, split.train, steps=40, batch_size=16, hidden=8, lr=1e-2,
+    return M.train_controller(model, data, split.train, steps=25, batch_size=8, hidden=8, lr=1e-2,
                               prior_weight=0.0, progress=False)
 
 
@@ -153,10 +153,11 @@ def test_requests_compose_revoke_one_by_one_without_drift(setting, controller):
     original = model(data.images[split.test])
     masked = model
     requests = []
+    bank = controller.masks(data, split.retain[:50])
     for t in range(20):
         sub = random_split(data, 5, seed=t, n_train=1500, n_test=300)  # same train set, 5 samples each
         result = M.mimu(masked, data, sub, controller=controller, threshold=0.5, chunk=4, budget=0.05,
-                        reference_size=50, mask_samples=5, seed=t)
+                        reference_masks=bank, seed=t)
         masked = result.model
         requests.append(result.details["request"])
     assert len(masked.requests) == 20
@@ -208,4 +209,6 @@ def test_bad_input_is_rejected(setting, controller):
         M.mimu(model_for(data, "mlp", hidden=(32, 16)), data, split, controller=controller)
     with pytest.raises(ValueError, match="bool"):
         M.MaskedModel(model, controller.targets).add_request(torch.zeros(3))
+    with pytest.raises(TypeError):  # a masked view hides its head: head-level code would bypass the mask
+        head_of(M.MaskedModel(model, controller.targets))
     assert METHODS["mimu"] is M.mimu

@@ -170,6 +170,8 @@ def test_registry_entry_follows_the_calling_convention(data, tiny):
     assert all(torch.equal(template.state_dict()[k], before[k]) for k in before)
     ensemble = result.details["ensemble"]
     assert not torch.isin(split.forget, ensemble.training_indices).any()
+    # The shard permutation is not the one that drew the forget set: 30 random forgets reach all 3 shards.
+    assert result.details["shards_touched"] == [0, 1, 2]
     table = comparison_table({"retrain": (template, 1.0), "sisa": result}, data, split)
     assert 0 <= table.loc["sisa", "test acc"] <= 100
 

@@ -9,7 +9,7 @@ method (registry name)    data per step                          loss minimised
 ``gradient_ascent`` (ga)  a batch of the forget set D_f           ``-CE(D_f)`` (ascent on the forget loss)
 ``neggrad_plus``          a batch of D_r and one of D_f          ``β·CE(D_r) - (1-β)·CE(D_f)``
 ``finetune``              a batch of the retain set D_r          ``CE(D_r)``
-``random_labels``         a batch of D_f (wrong labels) + of D_r ``CE(D_f, random wrong y) + CE(D_r)``
+``random_labels``         a batch of D_r ∪ D_f                   ``CE`` with D_f's labels made wrong at random
 ========================  =====================================  ====================================
 
 The ascent methods can stop early, as soon as forget accuracy falls to ``target_forget_acc`` (for
@@ -155,10 +155,11 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
 
     def check_finite(total: Tensor) -> None:
         if not torch.isfinite(total):
+            brake = (", or pass target_forget_acc so that the ascent stops before it runs away"
+                     if name in ("ga", "neggrad+") else "")
             raise FloatingPointError(
                 f"{name} diverged (loss {total.item()}) in epoch {epochs_run + 1} with lr={hyper['lr']:g}: the step "
-                f"size is too large for this model. Lower lr (try lr={hyper['lr'] / 10:g}), or pass "
-                "target_forget_acc so that the ascent stops before it runs away.")
+                f"size is too large for this model. Lower lr (try lr={hyper['lr'] / 10:g}){brake}.")
 
     with Stopwatch(device) as watch:
         stopped = reached()
@@ -232,9 +233,10 @@ def gradient_ascent(model: nn.Module, data: ImageDataset, split: Split, *, lr: f
         check_every: measure forget accuracy every this many steps; ``None``: once per epoch.
 
     Returns:
-        An :class:`UnlearningResult` whose ``details`` hold the hyper-parameters, ``epochs_run``,
-        ``steps``, ``stopped_early``, ``trace`` (forget accuracy before the first step and at each
-        check), ``trace_steps`` (the step of each trace point) and ``epoch_losses``.
+        An :class:`UnlearningResult` whose ``details`` hold the hyper-parameters, ``epochs_run``
+        (epochs begun; the last one may be partial when the run stopped early), ``steps``,
+        ``stopped_early``, ``trace`` (forget accuracy before the first step and at each check),
+        ``trace_steps`` (the step of each trace point) and ``epoch_losses``.
 
     Raises:
         FloatingPointError: if the loss becomes NaN or infinite (the message names the step size).
@@ -330,29 +332,30 @@ def random_labels(model: nn.Module, data: ImageDataset, split: Split, *, lr: flo
                   epochs: int | None = None, batch_size: int | None = None, momentum: float | None = None,
                   weight_decay: float | None = None, seed: int = 0, target_forget_acc: float | None = None,
                   check_every: int | None = None) -> UnlearningResult:
-    """Random labels (RL): train on the forget set relabelled at random (never with its true label),
-    alongside the retain set with its true labels: ``CE(D_f, ỹ) + CE(D_r, y)``.
+    """Random labels (RL): keep training on the whole training set, with every forget sample's label
+    replaced by a random *wrong* one: the mean of ``CE(x, y)`` over D_r and ``CE(x, ỹ)`` over D_f.
 
     Instead of pushing the forget loss up without bound (GA), it pulls the forget samples towards
-    a definite wrong answer, and the retain term keeps the rest of the model in place. The wrong
-    labels are drawn once per call (from ``seed``), so the forget set is a fixed relabelled set.
+    a definite wrong answer, while the retain samples in the same batches keep the rest of the model
+    in place. The wrong labels are drawn once per call (from ``seed``), so D_f becomes a fixed
+    relabelled set, as in the SalUn paper's baseline. Its results vary a lot with the seed (lesson 03).
 
     Args:
         lr: step size (default per architecture, see :data:`DEFAULTS`).
-        epochs: passes over the forget set; every step pairs a forget batch with a retain batch
-            of the same size (the retain set is cycled).
-        batch_size: samples per step from each of the two sets.
+        epochs: passes over the training set D_r ∪ D_f, in shuffled batches.
+        batch_size: samples per step.
         momentum, weight_decay: of the SGD optimizer (default 0.9 and 5e-4).
         seed, target_forget_acc, check_every: as in :func:`gradient_ascent`.
 
     Returns and raises as :func:`gradient_ascent`.
     """
     hyper = _resolve("random_labels", model, data, split, dict(lr=lr, epochs=epochs, batch_size=batch_size,
-                                                  momentum=momentum, weight_decay=weight_decay))
+                                                               momentum=momentum, weight_decay=weight_decay))
     # A lookup table over global indices, so a batch of forget indices finds its wrong labels.
     fake = data.labels.clone()
-    fake[split.forget.to(data.device)] = wrong_labels(data.labels[split.forget.to(data.device)], data.num_classes,
-                                                      torch.Generator().manual_seed(seed + 1))
+    forget = split.forget.to(data.device)
+    # its own generator (seed + 1), so the relabelling does not share a random stream with the batch order
+    fake[forget] = wrong_labels(data.labels[forget], data.num_classes, torch.Generator().manual_seed(seed + 1))
 
     def step_loss(net: nn.Module, d: ImageDataset, batch: Tensor, _: Tensor | None) -> Tensor:
         return F.cross_entropy(net(d.images[batch]), fake[batch])

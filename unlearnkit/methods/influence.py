@@ -435,7 +435,10 @@ def minimise(loss_fn: LossFn, params: Params, inputs: Tensor, targets: Tensor, *
                 factor = fixed
             step = torch.cholesky_solve(gradient.unsqueeze(1), factor).squeeze(1)
             value, t = objective(flat), 1.0
-            while objective(flat - t * step) > value - 1e-4 * t * (gradient @ step) and t > 1e-8:
+            # Armijo backtracking; the slack of a few ulps lets the last, tiny steps through, whose true
+            # decrease is below the rounding error of the objective.
+            slack = 4 * torch.finfo(flat.dtype).eps * value.abs()
+            while objective(flat - t * step) > value - 1e-4 * t * (gradient @ step) + slack and t > 1e-8:
                 t /= 2
             flat = flat - t * step
     elif method == "lbfgs":

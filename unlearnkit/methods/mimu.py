@@ -42,7 +42,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, Split
-from ..evaluate import true_class_confidence
+from ..evaluate import confidences, true_class_confidence
 from ..models import Classifier, head_of
 from ..train import load_checkpoint, save_checkpoint
 from .base import Stopwatch, UnlearningResult, register
@@ -684,6 +684,9 @@ class MaskedModel(nn.Module):
     Each forget request is a named ``[N]`` bool mask of weights switched off; a weight is used
     when no active request switches it off. With no request active the forward pass *is* the
     original model's, so revoking every request restores its outputs bit for bit.
+
+    It deliberately has no ``head`` or ``features``: classifier-level code reading
+    ``model.head`` would see the unmasked weights, so such code gets a clear error instead.
     """
 
     def __init__(self, model: nn.Module, targets: Targets, requests: dict[str, Tensor] | None = None):
@@ -691,10 +694,6 @@ class MaskedModel(nn.Module):
         self.base = model
         self.targets = targets
         self.requests: dict[str, Tensor] = dict(requests or {})
-
-    @property
-    def head(self) -> nn.Linear:
-        return head_of(self.base)
 
     def keep(self) -> Tensor | None:
         """The ``[N]`` float mask in use (``None`` when no request is active)."""
@@ -730,11 +729,6 @@ class MaskedModel(nn.Module):
         """Another view of the same base model with the same requests (the base is shared, not copied)."""
         return MaskedModel(self.base, self.targets, self.requests)
 
-    def features(self, x: Tensor) -> Tensor:
-        if self.requests and len(self.targets.names) > 1:
-            raise NotImplementedError("features() of a model masked in its backbone is not defined; use layers=1")
-        return self.base.features(x)
-
     def forward(self, x: Tensor) -> Tensor:
         keep = self.keep()
         if keep is None:
@@ -755,13 +749,7 @@ def default_threshold(model: nn.Module, data: ImageDataset, split: Split) -> flo
     original model's mean confidence on the test set (forgotten samples should look unseen)."""
     if split.meta.get("forget_class") is not None:
         return 1.0 / data.num_classes
-    indices = split.test.to(data.device)
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        conf = true_class_confidence(model(data.images[indices]).float(), data.labels[indices]).mean().item()
-        model.train(was_training)
-    return conf
+    return confidences(model, data, split.test).mean().item()
 
 
 @register("mimu")

@@ -80,10 +80,19 @@ def constituent_seed(seed: int, shard: int, step: int | None = None) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
 
 
+def layout_seed(seed: int) -> int:
+    """The seed of the shard permutation, mixed so that it is unrelated to other draws seeded with ``seed``.
+
+    (A plain ``seed`` would reproduce the permutation that :func:`unlearnkit.data.random_split` uses
+    to pick the forget set, and put the whole forget set into the first shards.)
+    """
+    return int(np.random.SeedSequence([int(seed), 0x5157A]).generate_state(1)[0] >> 1)
+
+
 def shard_layout(indices: Tensor, shards: int, slices: int, seed: int = 0) -> list[list[Tensor]]:
-    """``layout[s][r]``: the indices in slice ``r`` of shard ``s``: a permutation seeded by ``seed``, cut
-    into ``shards`` near-equal shards, each cut into ``slices`` near-equal slices."""
-    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))]
+    """``layout[s][r]``: the indices in slice ``r`` of shard ``s``: a permutation seeded by
+    ``layout_seed(seed)``, cut into ``shards`` near-equal shards, each cut into ``slices`` near-equal slices."""
+    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(layout_seed(seed)))]
     return [list(torch.tensor_split(shard, slices)) for shard in torch.tensor_split(order, shards)]
 
 
@@ -618,5 +627,6 @@ def sisa(model: nn.Module, data: ImageDataset, split: Split, *, recipe: Recipe, 
     return UnlearningResult(ensemble.as_module(aggregation), report.seconds, "sisa", details)
 
 
-__all__ = ["ForgetReport", "SISAEnsemble", "SISAModel", "constituent_seed", "shard_layout", "sisa", "slice_step_epochs",
+__all__ = ["ForgetReport", "SISAEnsemble", "SISAModel", "constituent_seed", "layout_seed",
+           "shard_layout", "sisa", "slice_step_epochs",
            "train_stacked"]

@@ -1,0 +1,91 @@
+"""The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOP count."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearnkit.data import ImageDataset
+from unlearnkit.models import build_model, model_for, whiten_stem
+from unlearnkit.train import Recipe, _cache_key, flip_crop, train_model
+
+
+def _tiny_cifar(n: int = 96) -> ImageDataset:
+    """Random CIFAR-shaped images whose label is written into their brightness, so there is something to learn."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    images = torch.randint(0, 64, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    images = images + (labels * 60).view(-1, 1, 1, 1).to(torch.uint8)
+    return ImageDataset("tiny", images, labels, n, ("a", "b", "c", "d"), (0.5,) * 3, (0.3,) * 3)
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cifar.py"
+    spec = importlib.util.spec_from_file_location("bench_cifar", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fastnet_trains_on_the_cpu_and_its_loss_goes_down():
+    data = _tiny_cifar()
+    model = model_for(data, "fastnet", seed=0, widths=(16, 32, 32))
+    recipe = Recipe(epochs=6, batch_size=32, lr=0.05, label_smoothing=0.2, augment="flip-crop")
+    log = train_model(model, data, data.train_pool, recipe, progress=False)
+    assert log.epoch_losses[-1] < 0.8 * log.epoch_losses[0], log.epoch_losses
+    assert model.head.in_features == 32 and model.features(data.images[:2]).shape == (2, 32)
+
+
+def test_whitened_stem_decorrelates_patches_and_stays_frozen():
+    data = _tiny_cifar()
+    model = whiten_stem(model_for(data, "fastnet", seed=0, widths=(8, 8, 8)), data.images)
+    stem = model.backbone[1]
+    assert not stem.weight.requires_grad
+    out = stem(model.backbone[0](data.images))[:, :12]  # the positive half: one filter per eigenvector
+    covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="needs a 'fastnet'"):
+        whiten_stem(model_for(data, "mlp"), data.images)
+
+
+def test_per_sample_crops_shift_each_image_on_its_own():
+    x = torch.arange(1, 1 + 64 * 16, dtype=torch.float32).view(64, 1, 4, 4)
+    y = flip_crop(x, torch.Generator().manual_seed(0), pad=1)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    shifts = set()
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(3) for dx in range(3) for img in (padded[i], padded[i].flip(-1))
+                 if torch.equal(img[:, dy:dy + 4, dx:dx + 4], y[i])]
+        assert found, f"image {i} is not a flipped or unflipped crop of its padded input"
+        shifts.add(found[0])
+    assert len(shifts) > 3  # one shift per batch would give a single one
+    torch.testing.assert_close(flip_crop(x, torch.Generator().manual_seed(0), pad=1), y)
+
+
+def test_the_compile_option_is_accepted_and_skipped_on_the_cpu_with_a_warning():
+    data = _tiny_cifar(32)
+    model = model_for(data, "mlp", seed=0)
+    with pytest.warns(UserWarning, match="only used on CUDA"):
+        log = train_model(model, data, data.train_pool, Recipe(epochs=1, batch_size=16, compile=True), progress=False)
+    assert len(log.epoch_losses) == 1
+    # compiling changes speed, not the model, so it shares the cache entry of the eager recipe
+    assert _cache_key(model, data, data.train_pool, Recipe(compile=True), 0) == \
+        _cache_key(model, data, data.train_pool, Recipe(), 0)
+
+
+@pytest.mark.parametrize("arch", ["fastnet", "resnet18"])
+def test_the_benchmark_counts_positive_training_flops(arch):
+    bench = _load_benchmark()
+    flops = bench.train_flops_per_image(arch)
+    assert flops > 0
+    if arch == "resnet18":  # 0.56 G multiply-adds forward = 1.1 GFLOP; backward twice that: about 3.3 GFLOP
+        assert 2.8e9 < flops < 3.8e9, flops
+    assert bench.peak_flops(torch.device("cpu")) is None
+
+
+def test_fastnet_is_much_cheaper_than_resnet18():
+    bench = _load_benchmark()
+    assert bench.train_flops_per_image("fastnet") < 0.5 * bench.train_flops_per_image("resnet18")
+    model = build_model("fastnet", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3)
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
