@@ -134,10 +134,14 @@ def make_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim.
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
 
 
-def _make_schedule(optimizer, recipe: Recipe, total_steps: int):
+def make_schedule(optimizer, recipe: Recipe, total_steps: int):
+    """The learning-rate schedule a recipe names, stepped once per optimizer step (``None`` for constant)."""
     if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=max(total_steps, 1),
-                                                   pct_start=0.25, anneal_strategy="linear")
+        total_steps = max(total_steps, 1)
+        # torch's OneCycleLR divides by zero when pct_start * total_steps == 1 (4 steps at 0.25)
+        pct_start = 0.3 if total_steps == 4 else 0.25
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total_steps,
+                                                   pct_start=pct_start, anneal_strategy="linear")
     if recipe.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if recipe.schedule == "constant":
@@ -179,7 +183,7 @@ def train_model(model: nn.Module, data: ImageDataset, indices: Tensor, recipe: R
     forward = _compiled(model, device) if recipe.compile else model
     optimizer = make_optimizer(model.parameters(), recipe, device)
     steps_per_epoch = sum(1 for _ in batches(indices, recipe.batch_size, shuffle=False))
-    schedule = _make_schedule(optimizer, recipe, recipe.epochs * steps_per_epoch)
+    schedule = make_schedule(optimizer, recipe, recipe.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     log = TrainLog()
     model.train()

@@ -2,10 +2,12 @@
 
 Importing this package registers every method; ``METHODS`` lists them by name, retrain first.
 """
+# ruff: noqa: I001 - import order is registry order, and retrain, the reference, comes first
 
 from .base import METHODS, Stopwatch, UnlearningResult, get_method, register, unlearn
-from .retrain import retrain  # noqa: I001 - imported first so that retrain heads the registry
+from .retrain import retrain
+from .sisa import SISAEnsemble, sisa
 from .gradient import finetune, gradient_ascent, neggrad_plus, random_labels
 
-__all__ = ["METHODS", "Stopwatch", "UnlearningResult", "finetune", "get_method", "gradient_ascent", "neggrad_plus",
-           "random_labels", "register", "retrain", "unlearn"]
+__all__ = ["METHODS", "SISAEnsemble", "Stopwatch", "UnlearningResult", "finetune", "get_method", "gradient_ascent",
+           "neggrad_plus", "random_labels", "register", "retrain", "sisa", "unlearn"]

@@ -39,11 +39,11 @@ from ..data import ImageDataset, Split
 from ..models import Classifier, build_model
 from ..train import (
     Recipe,
-    _make_schedule,  # the kit's schedule, so the vmapped path follows it exactly
     autocast,
     batches,
     load_checkpoint,
     make_optimizer,
+    make_schedule,  # the kit's schedule, so the vmapped path follows it exactly
     save_checkpoint,
     train_model,
 )
@@ -60,15 +60,6 @@ def slice_step_epochs(recipe: Recipe, slices: int) -> int:
     matches the ``E`` epochs of ordinary training (the budget rule of the SISA paper).
     """
     return max(1, round(2 * recipe.epochs / (slices + 1)))
-
-
-def _step_epochs(recipe: Recipe, epochs: int, n_samples: int) -> int:
-    """``epochs``, plus one when the step would total exactly 4 optimizer steps under the one-cycle
-    schedule: torch's ``OneCycleLR`` divides by zero for 4 total steps (with the kit's ``pct_start``)."""
-    steps_per_epoch = sum(1 for _ in batches(torch.arange(n_samples), recipe.batch_size, shuffle=False))
-    if recipe.schedule == "onecycle" and epochs * steps_per_epoch == 4:
-        return epochs + 1
-    return epochs
 
 
 def constituent_seed(seed: int, shard: int, step: int | None = None) -> int:
@@ -399,7 +390,7 @@ class SISAEnsemble:
             parts = [p if q < r else p[~torch.isin(p, request)] for q, p in enumerate(self.slices[s])]
             for step in range(r, self.n_slices):
                 n = sum(len(p) for p in parts[: step + 1])
-                passes += self._step_recipe(n).epochs * n if n else 0
+                passes += self._step_recipe.epochs * n if n else 0
         return passes / (self.recipe.epochs * (len(self.training_indices) - len(request)))
 
     def replay_from_scratch(self, shard: int) -> Classifier:
@@ -439,11 +430,12 @@ class SISAEnsemble:
             state = load_checkpoint(path, self.data.device)["state_dict"]
         self.constituents[shard].load_state_dict(state)
 
-    def _step_recipe(self, n_samples: int) -> Recipe:
-        return self.recipe.with_(epochs=_step_epochs(self.recipe, self.epochs_per_step, n_samples))
+    @property
+    def _step_recipe(self) -> Recipe:
+        return self.recipe.with_(epochs=self.epochs_per_step)
 
     def _train_sequential(self, model: nn.Module, shard: int, step: int, cumulative: Tensor) -> None:
-        train_model(model, self.data, cumulative, self._step_recipe(len(cumulative)), seed=self._step_seed(shard, step),
+        train_model(model, self.data, cumulative, self._step_recipe, seed=self._step_seed(shard, step),
                     progress=False)
 
     def _replay(self, restart: dict[int, int]) -> int:
@@ -468,10 +460,10 @@ class SISAEnsemble:
                 cumulative = torch.cat(self.slices[s][: step + 1])
                 if len(cumulative):  # a shard emptied by deletions keeps its initial weights and stops voting
                     work[s] = cumulative
-                    passes += self._step_recipe(len(cumulative)).epochs * len(cumulative)
+                    passes += self._step_recipe.epochs * len(cumulative)
             if self.vmap and len(work) > 1:
                 trained = train_stacked([self.constituents[s] for s in work], self.data, list(work.values()),
-                                        [self._step_recipe(len(c)) for c in work.values()],
+                                        self._step_recipe,
                                         [self._step_seed(s, step) for s in work])
                 for s, model in zip(work, trained, strict=True):
                     self.constituents[s] = model
@@ -493,7 +485,7 @@ def _schedule_values(recipe: Recipe, total_steps: int) -> tuple[list[float], lis
     """The learning rate and momentum of each step, read off the kit's own optimizer and schedule."""
     dummy = nn.Parameter(torch.zeros(1))
     optimizer = make_optimizer([dummy], recipe, torch.device("cpu"))
-    schedule = _make_schedule(optimizer, recipe, total_steps)
+    schedule = make_schedule(optimizer, recipe, total_steps)
     lrs, momenta = [], []
     for _ in range(total_steps):
         lrs.append(optimizer.param_groups[0]["lr"])
