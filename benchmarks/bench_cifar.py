@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -209,6 +210,8 @@ def main() -> None:
                        "(no download possible here): speed only, no accuracy. "
                        + ("Tiny CPU sizes; the targets are GPU numbers." if small else "")).strip(),
               "compile": args.compile, "repeats": args.repeats,
+              # other work on a shared machine inflates wall-clock times; this says how much there was
+              "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "results": [bench_arch(arch, data, args, peak) for arch in args.archs]}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"cifar_{device.type}{'_compile' if args.compile else ''}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -77,7 +78,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {"benchmark": "mimu forget request vs retrain", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "device": device_name, "device_type": device.type, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "dataset": data.name, "n_train": len(splits["random 10%"].train),
+              "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+              "dataset": data.name, "n_train": len(splits["random 10%"].train),
               "model": "mlp 784-256-128-10", "targets": controller.targets.names,
               "n_weights": controller.targets.n_weights,
               "repeats": args.repeats, "retrain_seconds": retrain_seconds,
@@ -87,7 +89,7 @@ def main() -> None:
     stem = RESULTS / f"mimu_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# MIMU forget request vs retrain ({result['date']}, {device_name}, torch {torch.__version__}, "
-             f"{result['threads']} threads)", "",
+             f"{result['threads']} threads, load average {result['load_average_1min']:.1f} at the end)", "",
              f"Retrain (no cache, median): {retrain_seconds:.3f} s. Control unit training (one-off): "
              f"{controller.seconds:.2f} s. Target: a request <= 1% of a retrain.", "",
              "| request | forget samples | request s (bank kept) | % of retrain | request s (bank inside) "
