@@ -60,9 +60,14 @@ def head_hessian(features: Tensor, logits: Tensor, damping: float = 0.0, weight_
     c = logits.shape[1]
     p = logits.softmax(1).double()
     h = torch.cat([features.double(), torch.ones(n, 1, dtype=torch.float64, device=features.device)], 1)
-    curvature = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]          # [n, C, C]
-    # H[(a,i),(b,j)] = mean_n curvature[n,a,b] h[n,i] h[n,j]; then reorder to [W.flatten(), b].
-    full = torch.einsum("nab,ni,nj->aibj", curvature, h, h) / n               # [C, d+1, C, d+1]
+    # H = mean_n (diag(p_n) - p_n p_nᵀ) ⊗ h_n h_nᵀ, indexed (class, feature): the p pᵀ part is one Gram
+    # matrix of the Kronecker rows p_n ⊗ h_n, the diagonal part adds a (d+1)-square block per class.
+    kron_rows = (p[:, :, None] * h[:, None, :]).reshape(n, c * (d + 1))
+    full = -(kron_rows.T @ kron_rows)
+    for a in range(c):
+        block = slice(a * (d + 1), (a + 1) * (d + 1))
+        full[block, block] += (h * p[:, a:a + 1]).T @ h
+    full = full / n                                                            # then reorder to [W.flatten(), b]
     order = torch.cat([torch.arange(c * (d + 1)).view(c, d + 1)[:, :d].flatten(),
                        torch.arange(c * (d + 1)).view(c, d + 1)[:, d]])
     hessian = full.reshape(c * (d + 1), c * (d + 1))[order][:, order]

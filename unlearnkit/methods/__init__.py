@@ -8,8 +8,10 @@ from .base import METHODS, Stopwatch, UnlearningResult, get_method, register, un
 from .retrain import retrain
 from .sisa import SISAEnsemble, sisa
 from .gradient import finetune, gradient_ascent, neggrad_plus, random_labels
+from .influence import newton_head
 from .imu import imu
 from .mimu import MaskedModel, mimu
 
 __all__ = ["METHODS", "MaskedModel", "SISAEnsemble", "Stopwatch", "UnlearningResult", "finetune", "get_method",
-           "gradient_ascent", "imu", "mimu", "neggrad_plus", "random_labels", "register", "retrain", "sisa", "unlearn"]
+           "gradient_ascent", "imu", "mimu", "neggrad_plus", "newton_head", "random_labels", "register", "retrain",
+           "sisa", "unlearn"]
