@@ -63,9 +63,10 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict, *, html: bool 
         papermill.execute_notebook(str(path), str(executed), parameters=parameters, kernel_name="python3",
                                    progress_bar=False, cwd=str(path.parent), execution_timeout=cell_timeout)
     except PapermillExecutionError as exc:
-        # papermill counts cells after inserting its own "injected-parameters" cell; report the
-        # position in the lesson as the learner sees it (1-based, code and markdown cells alike).
-        failed_cell = exc.cell_index if exc.cell_index is not None else None
+        # papermill's 0-based index counts its injected-parameters cell, which follows the lesson's
+        # parameters cell; past that point it equals the 1-based position in the lesson as the learner
+        # sees it (markdown cells included).
+        failed_cell = exc.cell_index
         first_line = next((line for line in exc.source.splitlines() if line.strip()), "")
         error = f"{exc.ename}: {exc.evalue.strip()[:500]} (cell starting `{first_line[:80]}`)"
     seconds = time.perf_counter() - start
