@@ -15,9 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from unlearnkit.data import load_dataset, random_split
-from unlearnkit.device import get_device, synchronize
+from unlearnkit.device import describe_device, get_device, median_seconds
 from unlearnkit.head import head_inputs, per_sample_head_grads
 from unlearnkit.methods.imu import influence_scores
 from unlearnkit.train import default_recipe, fit
@@ -74,16 +71,6 @@ def kit_scores(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tens
     return influence_scores(features, logits, labels)
 
 
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                for name, fn in paths.items()}
     loop = seconds["per-sample loop"]
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                               platform.machine())
+    name = describe_device(device)
     result = {
         "benchmark": "IMU influence scores of a forget set (head gradients + damped diagonal Fisher)",
         "device": f"{device.type}: {name}",

@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from unlearnkit.device import get_device, synchronize
+from unlearnkit.device import describe_device, get_device, median_seconds
 from unlearnkit.head import flat_head_params, head_hessian, head_inputs, per_sample_head_grads
 from unlearnkit.lesson import standard_setting
 from unlearnkit.methods import influence
@@ -32,26 +28,8 @@ from unlearnkit.methods import influence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or "cpu"
 
 
-def median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall-clock seconds of ``work`` over ``repeats`` runs after one warm-up run."""
-    work()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        work()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -121,7 +99,7 @@ def main() -> None:
             row["hessian_build_s"] = build_s
         rows.append(row)
 
-    report = {"benchmark": "influence", "device": device_name(device), "device_type": device.type,
+    report = {"benchmark": "influence", "device": describe_device(device), "device_type": device.type,
               "torch": torch.__version__, "mode": "full" if args.full else "quick", "repeats": args.repeats,
               "sizes": {"train": len(split.train), "forget": len(split.forget), "retain": len(split.retain),
                         "model_params": n_params},

@@ -18,17 +18,13 @@ from pathlib import Path
 import torch
 
 from unlearnkit.data import load_dataset, random_split
-from unlearnkit.device import get_device
+from unlearnkit.device import describe_device, get_device
 from unlearnkit.lesson import QUICK_SIZES, default_arch
 from unlearnkit.train import default_recipe, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def time_mode(dataset: str, device: torch.device, quick: bool, repeats: int) -> dict:
@@ -58,7 +54,7 @@ def main() -> None:
     device = get_device(args.device)
     modes = {"quick": [True], "full": [False], "both": [True, False]}[args.mode]
     results = [time_mode(args.dataset, device, quick, args.repeats) for quick in modes]
-    report = {"benchmark": "training", "date": datetime.date.today().isoformat(), "device": device_name(device),
+    report = {"benchmark": "training", "date": datetime.date.today().isoformat(), "device": describe_device(device),
               "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
               "results": results}
     RESULTS.mkdir(exist_ok=True)
