@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from unlearnkit.data import ImageDataset, random_split
-from unlearnkit.device import get_device, synchronize
+from unlearnkit.device import describe_device, get_device, synchronize
 from unlearnkit.models import build_model
 from unlearnkit.train import Recipe, default_recipe, fit, train_model
 
@@ -53,10 +53,6 @@ METHOD_MODULES = {"sisa": "sisa", "ga": "gradient", "neggrad+": "gradient", "fin
                   "random_labels": "gradient", "newton_head": "influence", "imu": "imu", "mimu": "mimu"}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -204,7 +200,7 @@ def main() -> None:
     data = cifar_shaped(n_train, max(n_train // 5, 1), device)
     peak = peak_flops(device)
     report = {"benchmark": "cifar", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+              "device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
               "cuda": torch.version.cuda, "peak_bf16_flops": peak,
               "note": ("Random uint8 tensors of CIFAR-10's shape (3x32x32, 10 classes), not CIFAR-10 itself "
                        "(no download possible here): speed only, no accuracy. "

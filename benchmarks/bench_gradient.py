@@ -19,13 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
-from unlearnkit.device import get_device
+from unlearnkit.device import describe_device, get_device
 from unlearnkit.evaluate import accuracy, comparison_table
 from unlearnkit.lesson import standard_setting
 from unlearnkit.methods import gradient
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         steps[name] = result.details["steps"]
     table = comparison_table(rows, data, split, seed=args.seed)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                      platform.machine())
+    device_name = describe_device(device)
     result = {
         "benchmark": "gradient-family unlearning vs retraining (seconds of the unlearning step, medians)",
         "mode": "full" if args.full else "quick",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from unlearnkit.data import class_split, load_dataset, random_split
-from unlearnkit.device import get_device
+from unlearnkit.device import describe_device, get_device
 from unlearnkit.lesson import QUICK_SIZES
 from unlearnkit.methods import mimu
 from unlearnkit.methods.retrain import retrain
@@ -75,7 +74,7 @@ def main() -> None:
                      "% of retrain (bank kept)": 100 * with_bank / retrain_seconds,
                      "% of retrain (bank inside)": 100 * without_bank / retrain_seconds})
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = describe_device(device)
     result = {"benchmark": "mimu forget request vs retrain", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "device": device_name, "device_type": device.type, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],

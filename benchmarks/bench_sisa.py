@@ -15,14 +15,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from unlearnkit.device import get_device, synchronize
+from unlearnkit.device import describe_device, get_device, synchronize
 from unlearnkit.evaluate import accuracy
 from unlearnkit.lesson import standard_setting
 from unlearnkit.methods.sisa import SISAEnsemble
@@ -96,7 +95,7 @@ def main() -> None:
                                arch="mlp", progress=False)
     deletions = deletion_costs(setting, [1, 5, 10, 20], [1, 4], args.repeats)
     stacked = vmap_vs_sequential(setting, [5, 10, 20], args.repeats)
-    device_name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or "cpu"
+    device_name = describe_device(DEVICE)
     record = {
         "benchmark": "sisa", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "device_type": DEVICE.type, "torch": torch.__version__,

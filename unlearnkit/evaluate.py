@@ -10,7 +10,6 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 from torch import Tensor, nn
@@ -254,9 +253,3 @@ def per_class_accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) ->
     totals = torch.bincount(labels, minlength=data.num_classes).float()
     hits = torch.bincount(labels, weights=correct, minlength=data.num_classes)
     return torch.where(totals > 0, hits / totals.clamp_min(1), torch.full_like(totals, float("nan"))).cpu()
-
-
-def cross_entropy(model: nn.Module, data: ImageDataset, indices: Tensor) -> Tensor:
-    """Per-sample cross-entropy losses of ``model`` on ``data[indices]``."""
-    indices = torch.as_tensor(indices).to(data.device)
-    return F.cross_entropy(predict_logits(model, data, indices), data.labels[indices], reduction="none")
