@@ -68,3 +68,27 @@ def test_flip_crop_keeps_shape_and_pixels_from_the_image():
 def test_divergence_is_reported_with_the_step_size(data, small_split):
     with pytest.raises(FloatingPointError, match="lr=1e\\+06"):
         fit(data, small_split.train, Recipe(epochs=1, lr=1e6, schedule="constant"), cache=False, progress=False)
+
+
+def test_fit_whitens_a_fast_nets_stem_from_its_own_training_images_only():
+    from unlearnkit.data import ImageDataset
+    from unlearnkit.models import model_for, whiten_stem
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    data = ImageDataset("tiny", images, torch.randint(0, 2, (64,), generator=generator), 48, ("a", "b"),
+                        (0.5,) * 3, (0.25,) * 3)
+    retain = torch.arange(0, 40)
+    recipe = Recipe(epochs=1, batch_size=16, lr=0.01)
+    model, _ = fit(data, retain, recipe, arch="fastnet", seed=0, widths=(8, 8, 8), progress=False)
+    stem = model.backbone[1]
+    assert not stem.weight.requires_grad
+    # the whitening of the retain images alone: the eight held-back training images do not shape it
+    expected = whiten_stem(model_for(data, "fastnet", seed=0, widths=(8, 8, 8)), images[retain]).backbone[1]
+    torch.testing.assert_close(stem.weight, expected.weight)
+    others = whiten_stem(model_for(data, "fastnet", seed=0, widths=(8, 8, 8)), images[:48]).backbone[1]
+    assert not torch.allclose(stem.weight, others.weight)
+    # frozen, so training left it exactly where the whitening put it, and a cached copy is frozen too
+    cached, _ = fit(data, retain, recipe, arch="fastnet", seed=0, widths=(8, 8, 8), progress=False)
+    assert not cached.backbone[1].weight.requires_grad
+    torch.testing.assert_close(cached.backbone[1].weight, stem.weight)

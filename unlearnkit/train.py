@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, data_root
 from .device import synchronize
-from .models import Classifier, model_for
+from .models import Classifier, model_for, whiten_stem
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,21 @@ def _cache_key(model: Classifier, data: ImageDataset, indices: Tensor, recipe: R
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
+#: Training images whose 2x2 patches set a fast net's whitening stem (airbench uses 5,000).
+WHITENING_SAMPLES = 5000
+
+
+def initialise_whitening(model: Classifier, data: ImageDataset, indices: Tensor, seed: int = 0) -> None:
+    """Set a fresh ``fastnet``'s frozen stem to whiten the patches of a seeded sample of ``data[indices]``.
+
+    Only the model's own training indices are used: an oracle trained on the retain set must not
+    take even its first-layer filters from the forget set.
+    """
+    indices = torch.as_tensor(indices)
+    chosen = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:WHITENING_SAMPLES]
+    whiten_stem(model, data.images[indices[chosen].to(data.device)])
+
+
 def fit(data: ImageDataset, indices: Tensor, recipe: Recipe, *, arch: str = "mlp", seed: int = 0,
         cache: bool = True, progress: bool = True, desc: str = "training", **model_kwargs,
         ) -> tuple[Classifier, float]:
@@ -271,8 +286,17 @@ def fit(data: ImageDataset, indices: Tensor, recipe: Recipe, *, arch: str = "mlp
     With ``cache=True`` a model trained before with exactly the same architecture, data, indices,
     recipe, seed and device type is loaded instead (its recorded training seconds are returned, so
     speed-ups stay honest). A cache file that cannot be read is rebuilt, never trusted.
+
+    A ``fastnet`` starts from a whitening stem computed from its training images
+    (:func:`initialise_whitening`), as airbench's recipe does.
     """
-    model = model_for(data, arch, seed=seed, **model_kwargs)
+    def fresh() -> Classifier:
+        model = model_for(data, arch, seed=seed, **model_kwargs)
+        if arch == "fastnet":
+            initialise_whitening(model, data, indices, seed)  # also freezes the stem of a model loaded below
+        return model
+
+    model = fresh()
     path = cache_dir() / f"{_cache_key(model, data, indices, recipe, seed)}.pt"
     if cache and path.exists():
         try:
@@ -283,7 +307,7 @@ def fit(data: ImageDataset, indices: Tensor, recipe: Recipe, *, arch: str = "mlp
         except Exception as error:  # a truncated or foreign file: retrain and overwrite it
             warnings.warn(f"ignoring unreadable cached model {path.name} ({type(error).__name__}); retraining",
                           stacklevel=2)
-            model = model_for(data, arch, seed=seed, **model_kwargs)
+            model = fresh()
     log = train_model(model, data, indices, recipe, seed=seed, progress=progress, desc=desc)
     if cache:
         save_checkpoint(path, {"state_dict": model.state_dict(), "seconds": log.seconds})
