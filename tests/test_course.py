@@ -3,6 +3,7 @@
 import json
 
 import nbformat
+from papermill.translators import PythonTranslator
 
 from unlearnkit import REPOSITORY_URL
 from unlearnkit.course import lesson_notebooks, main
@@ -46,6 +47,11 @@ def test_every_lesson_keeps_the_conventions():
         nb = nbformat.read(path, as_version=4)
         tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
         assert sum("parameters" in t for t in tags) == 1, f"{path.name}: needs exactly one 'parameters' cell"
+        parameters = next(c for c, t in zip(nb.cells, tags) if "parameters" in t)
+        # papermill overrides only what it can parse; an unparsed line would still run, but silently ignore
+        # the value `unlearnkit course` passes in
+        parsed = [p.name for p in PythonTranslator.inspect(parameters)]
+        assert parsed == ["QUICK", "DATASET", "DEVICE", "SEED"], f"{path.name}: papermill parses only {parsed}"
         assert any("check" in t for t in tags), f"{path.name}: no Check cell"
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name}: strip outputs"
         colab = [c.source for c in nb.cells if "google.colab" in c.source and "git clone" in c.source]
