@@ -5,9 +5,10 @@ original model's recipe; no cached model is reused, so both sides of every speed
 on the same machine under the same load. Each method runs once as a warm-up, then ``--repeats``
 times; the medians are compared. The script also records each method's table row (accuracies,
 MIA-efficacy, gap to the retrain oracle) from the course's ``comparison_table``, and writes
-``benchmarks/results/gradient_<device>[_full].json`` and ``.md``.
+``gradient[_full]_<device type>.json`` and ``.md`` to ``--results``.
 
     python benchmarks/bench_gradient.py [--full] [--dataset embedded] [--device auto] [--repeats 3] [--threads N]
+                                        [--results benchmarks/results]
 
 Quick mode: the embedded Fashion-MNIST subset and the MLP. Full mode: the whole dataset and the
 small CNN (``--dataset fashion-mnist`` needs the torchvision files; see ``load_dataset``); use a GPU.
@@ -16,15 +17,12 @@ small CNN (``--dataset fashion-mnist`` needs the torchvision files; see ``load_d
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import statistics
 from pathlib import Path
 
 import torch
 
-from unlearnkit.device import describe_device, get_device
+from unlearnkit.benchmarking import median_reported, record_header, write_results
+from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy, comparison_table
 from unlearnkit.lesson import standard_setting
 from unlearnkit.methods import gradient
@@ -32,13 +30,6 @@ from unlearnkit.methods.base import UnlearningResult
 from unlearnkit.train import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_run(fn, repeats: int) -> tuple[UnlearningResult, float]:
-    """Run ``fn`` once to warm up, then ``repeats`` times; the last result and the median seconds."""
-    fn()
-    runs = [fn() for _ in range(repeats)]
-    return runs[-1], statistics.median(r.seconds for r in runs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
+                        "(default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -57,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     device = get_device(args.device)
+    header = record_header("gradient", device)
     setting = standard_setting(args.dataset, device, not args.full, args.seed, progress=False)
     data, split, original = setting.data, setting.split, setting.original
     config = {k: v for k, v in original.config.items() if k not in ("arch", "in_shape", "num_classes", "mean", "std")}
@@ -66,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
                              progress=False, **config)
         return UnlearningResult(model, seconds, "retrain")
 
-    oracle = (retrained := median_run(retrain, args.repeats))[0].model
-    retrain_seconds = retrained[1]
+    retrained = median_reported(retrain, args.repeats)
+    oracle = retrained.last.model
     target = accuracy(oracle, data, split.forget)
     methods = {
         "GA (default, 1 epoch)": lambda: gradient.gradient_ascent(original, data, split, seed=args.seed),
@@ -77,45 +71,37 @@ def main(argv: list[str] | None = None) -> dict:
         "fine-tune": lambda: gradient.finetune(original, data, split, seed=args.seed),
         "random labels": lambda: gradient.random_labels(original, data, split, seed=args.seed),
     }
-    rows: dict[str, object] = {"retrain": (oracle, retrain_seconds)}
+    rows: dict[str, object] = {"retrain": (oracle, retrained.median)}
     steps = {}
     for name, fn in methods.items():
-        result, seconds = median_run(fn, args.repeats)
-        rows[name] = (result.model, seconds)
-        steps[name] = result.details["steps"]
+        runs = median_reported(fn, args.repeats)
+        rows[name] = (runs.last.model, runs.median)
+        steps[name] = runs.last.details["steps"]
     table = comparison_table(rows, data, split, seed=args.seed)
 
-    device_name = describe_device(device)
-    result = {
-        "benchmark": "gradient-family unlearning vs retraining (seconds of the unlearning step, medians)",
+    result = header | {
+        "description": "gradient-family unlearning vs retraining (seconds of the unlearning step, medians)",
         "mode": "full" if args.full else "quick",
-        "device": f"{device.type}: {device_name}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "dataset": data.name, "arch": setting.arch, "seed": args.seed, "repeats": args.repeats,
         "sizes": {"forget": len(split.forget), "retain": len(split.retain), "test": len(split.test)},
         "retrain_recipe": {"epochs": setting.recipe.epochs, "batch_size": setting.recipe.batch_size},
         "steps": steps,
         "table": {name: {k: float(v) for k, v in row.items()} for name, row in table.round(4).iterrows()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"gradient_{device.type}" + ("_full" if args.full else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"| {name} | {steps.get(name, '')} | {row['seconds']:.3f} | {row['speed-up']:.1f}x | "
              f"{row['forget acc']:.1f} | {row['retain acc']:.1f} | {row['test acc']:.1f} | {row['MIA']:.1f} | "
              f"{row['gap']:.2f} |" for name, row in table.iterrows()]
-    (RESULTS / f"{stem}.md").write_text(
+    text = (
         f"# Gradient family vs retrain ({result['mode']} mode: {data.name}, {setting.arch}, forget "
         f"{len(split.forget)} of {len(split.train)}, seed {args.seed})\n\n"
-        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, 1-min load average "
-        f"{result['load_average_1min']:.1f}, {result['date']}. Seconds: median of {args.repeats} runs after a "
+        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, 1-min load average before the "
+        f"run {result['load_average_1min']:.1f}, {result['date']}. Seconds: median of {args.repeats} runs after a "
         "warm-up, retrain timed fresh in the same run (no cache). Accuracies, MIA-efficacy (%) and gap "
         "(points) from the course's comparison table.\n\n"
         "| method | steps | seconds | speed-up | forget acc | retain acc | test acc | MIA | gap |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
-    print((RESULTS / f"{stem}.md").read_text())
+    write_results(result, text, "gradient_full" if args.full else "gradient", device, args.results)
+    print(text)
     return result
 
 

@@ -4,25 +4,24 @@ The IMU authors' code computes each forget sample's head gradient in a Python lo
 and one backward per sample). The kit uses the closed form of a linear softmax head's gradient,
 ``(p - e_y) [h; 1]^T``, for all samples at once. Both paths start from the same head inputs and
 end in the same damped-diagonal-Fisher formula; the script checks they agree, then times them
-(median of repeats after a warm-up) and writes ``benchmarks/results/imu_<device>.json`` and ``.md``.
+(median of repeats after a warm-up) and writes ``imu_<device type>.json`` and ``.md`` to ``--results``.
 
-    python benchmarks/bench_imu.py [--device auto] [--n 5000] [--repeats 5] [--threads N]
+    python benchmarks/bench_imu.py [--device auto] [--n 5000] [--repeats 5] [--threads N] [--results benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from unlearnkit.benchmarking import median_seconds, record_header, write_results
 from unlearnkit.data import load_dataset, random_split
-from unlearnkit.device import describe_device, get_device, median_seconds
+from unlearnkit.device import get_device
 from unlearnkit.head import head_inputs, per_sample_head_grads
 from unlearnkit.methods.imu import influence_scores
 from unlearnkit.train import default_recipe, fit
@@ -71,8 +70,6 @@ def kit_scores(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tens
     return influence_scores(features, logits, labels)
 
 
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
@@ -80,11 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
+                        "(default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     device = get_device(args.device)
+    header = record_header("imu", device)
     data = load_dataset("embedded", device)
     if not 0 < args.n < data.n_train_pool:
         parser.error(f"--n must be between 1 and {data.n_train_pool - 1}")
@@ -110,30 +110,21 @@ def main(argv: list[str] | None = None) -> dict:
                for name, fn in paths.items()}
     loop = seconds["per-sample loop"]
 
-    name = describe_device(device)
-    result = {
-        "benchmark": "IMU influence scores of a forget set (head gradients + damped diagonal Fisher)",
-        "device": f"{device.type}: {name}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+    result = header | {
+        "description": "IMU influence scores of a forget set (head gradients + damped diagonal Fisher)",
         "forget_samples": args.n,
         "head": f"{head.in_features} -> {head.out_features}",
         "seconds_median": seconds,
         "speedup_vs_loop": {name: loop / t for name, t in seconds.items()},
         "agree_with_loop": True,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"imu_{device.type}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {k} | {v:.4f} | {loop / v:.1f}x |" for k, v in result["seconds_median"].items())
-    (RESULTS / f"{stem}.md").write_text(
-        f"# IMU influence scores, {args.n} forget samples, head {result['head']}\n\n"
-        f"{result['device']}, torch {result['torch']}, torch threads: {result['threads']}, "
-        f"1-min load average {result['load_average_1min']}, {result['date']}. Medians after a warm-up; all "
-        "paths give the same scores (checked).\n\n"
-        f"| path | seconds | speed-up vs loop |\n|---|---|---|\n{rows}\n")
+    text = (f"# IMU influence scores, {args.n} forget samples, head {result['head']}\n\n"
+            f"{result['device']}, torch {result['torch']}, torch threads: {result['threads']}, 1-min load average "
+            f"before the run {result['load_average_1min']:.1f}, {result['date']}. Medians after a warm-up; all "
+            "paths give the same scores (checked).\n\n"
+            f"| path | seconds | speed-up vs loop |\n|---|---|---|\n{rows}\n")
+    write_results(result, text, "imu", device, args.results)
     print(json.dumps(result, indent=2))
     return result
 

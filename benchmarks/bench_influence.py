@@ -5,22 +5,21 @@
 2. The inverse-HVP of the classifier-level Newton step: exact (explicit Hessian + Cholesky),
    conjugate gradient and LiSSA, with the residual each one reaches (one timed run after a warm-up).
 
-    python benchmarks/bench_influence.py [--device auto] [--repeats 3] [--full]
+    python benchmarks/bench_influence.py [--device auto] [--repeats 3] [--full] [--results benchmarks/results]
 
-Writes ``benchmarks/results/influence_<device type>.json`` and ``.md`` (medians after a warm-up).
+Writes ``influence_<device type>.json`` and ``.md`` to ``--results`` (medians after a warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from unlearnkit.device import describe_device, get_device, median_seconds
+from unlearnkit.benchmarking import median_seconds, record_header, write_results
+from unlearnkit.device import get_device
 from unlearnkit.head import flat_head_params, head_hessian, head_inputs, per_sample_head_grads
 from unlearnkit.lesson import standard_setting
 from unlearnkit.methods import influence
@@ -28,17 +27,16 @@ from unlearnkit.methods import influence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
-
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="full-size data and model instead of quick mode")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
+                        "(default: benchmarks/results)")
     args = parser.parse_args()
     device = get_device(args.device)
+    header = record_header("influence", device)
     setting = standard_setting("embedded", device, not args.full, 0, forget=0.1, progress=False)
     model, data, split = setting.original.eval(), setting.data, setting.split
     rows = []
@@ -99,14 +97,10 @@ def main() -> None:
             row["hessian_build_s"] = build_s
         rows.append(row)
 
-    report = {"benchmark": "influence", "device": describe_device(device), "device_type": device.type,
-              "torch": torch.__version__, "mode": "full" if args.full else "quick", "repeats": args.repeats,
-              "sizes": {"train": len(split.train), "forget": len(split.forget), "retain": len(split.retain),
-                        "model_params": n_params},
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"influence_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    report = header | {"mode": "full" if args.full else "quick", "repeats": args.repeats,
+                       "sizes": {"train": len(split.train), "forget": len(split.forget), "retain": len(split.retain),
+                                 "model_params": n_params},
+                       "rows": rows}
     lines = [f"# Influence benchmark ({report['device']}, torch {report['torch']}, {report['mode']} mode, "
              f"median of {args.repeats} after a warm-up, {report['date']})", "",
              "| task | seconds | vs loop / quality |", "|---|---|---|"]
@@ -118,7 +112,7 @@ def main() -> None:
         else:
             lines.append(f"| {row['task']} | {row['seconds']:.4f} | {row['hvps']} HVPs, residual "
                          f"{row['residual']:.1e}, error vs exact {row['error_vs_exact']:.1e} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(report, "\n".join(lines), "influence", device, args.results)
     print("\n".join(lines))
 
 

@@ -1,39 +1,30 @@
 """Seconds per MIMU forget request (after the control unit is trained) vs a retrain.
 
-    python benchmarks/bench_mimu.py [--device auto] [--repeats 5] [--seed 0]
+    python benchmarks/bench_mimu.py [--device auto] [--repeats 5] [--seed 0] [--results benchmarks/results]
 
 Measures, in one run on one device: the retrain oracle trained from scratch (no cache), the
 control unit's one-off training, and the median seconds of a forget request (random 10%, random
 100 samples, a whole class), with the reference masks precomputed (a serving system keeps them)
-and with them computed inside the request. Writes ``benchmarks/results/mimu_<device>.json`` and
-``.md``. The target (PERFORMANCE.md): a request at most 1% of a retrain's seconds.
+and with them computed inside the request. Writes ``mimu_<device type>.json`` and ``.md`` to
+``--results``. The target (PERFORMANCE.md): a request at most 1% of a retrain's seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from unlearnkit.benchmarking import median_reported, record_header, write_results
 from unlearnkit.data import class_split, load_dataset, random_split
-from unlearnkit.device import describe_device, get_device
+from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES
-from unlearnkit.methods import mimu
+from unlearnkit.methods import Stopwatch, mimu
 from unlearnkit.methods.retrain import retrain
 from unlearnkit.train import default_recipe, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall-clock seconds of ``fn()`` (each call returns its own measured seconds) after a warm-up."""
-    fn()
-    return statistics.median(fn() for _ in range(repeats))
 
 
 def main() -> None:
@@ -42,8 +33,11 @@ def main() -> None:
     parser.add_argument("--dataset", default="embedded")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
+                        "(default: benchmarks/results)")
     args = parser.parse_args()
     device = get_device(args.device)
+    header = record_header("mimu", device)
     data = load_dataset(args.dataset, device)
     sizes = QUICK_SIZES if data.n_train_pool > QUICK_SIZES["n_train"] else {}
     splits = {"random 10%": random_split(data, 0.1, seed=args.seed, **sizes),
@@ -52,43 +46,36 @@ def main() -> None:
     recipe = default_recipe(data, "mlp", quick=True)
     original, _ = fit(data, splits["random 10%"].train, recipe, arch="mlp", seed=args.seed, progress=False)
 
-    retrain_seconds = median_seconds(
+    retrain_seconds = median_reported(
         lambda: retrain(original, data, splits["random 10%"], recipe=recipe, seed=args.seed, cache=False,
-                        progress=False).seconds, max(1, args.repeats // 2))
+                        progress=False), max(1, args.repeats // 2)).median
     controller = mimu.train_controller(original, data, splits["random 10%"].train, seed=args.seed, progress=False)
 
     rows = []
     for name, split in splits.items():
         generator = torch.Generator().manual_seed(args.seed)
         reference = split.retain[torch.randperm(len(split.retain), generator=generator)[:500]]
-        start = time.perf_counter()
-        bank = controller.masks(data, reference)
-        bank_seconds = time.perf_counter() - start
-        with_bank = median_seconds(lambda s=split, b=bank: mimu.mimu(original, data, s, controller=controller,
-                                                                     reference_masks=b, seed=args.seed).seconds,
-                                   args.repeats)
-        without_bank = median_seconds(lambda s=split: mimu.mimu(original, data, s, controller=controller,
-                                                                seed=args.seed).seconds, args.repeats)
+        with Stopwatch(device) as bank_watch:
+            bank = controller.masks(data, reference)
+        with_bank = median_reported(lambda s=split, b=bank: mimu.mimu(original, data, s, controller=controller,
+                                                                      reference_masks=b, seed=args.seed),
+                                    args.repeats).median
+        without_bank = median_reported(lambda s=split: mimu.mimu(original, data, s, controller=controller,
+                                                                 seed=args.seed), args.repeats).median
         rows.append({"request": name, "forget samples": len(split.request), "request s (bank kept)": with_bank,
-                     "request s (bank inside)": without_bank, "reference bank s": bank_seconds,
+                     "request s (bank inside)": without_bank, "reference bank s": bank_watch.seconds,
                      "% of retrain (bank kept)": 100 * with_bank / retrain_seconds,
                      "% of retrain (bank inside)": 100 * without_bank / retrain_seconds})
 
-    device_name = describe_device(device)
-    result = {"benchmark": "mimu forget request vs retrain", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "device": device_name, "device_type": device.type, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
-              "dataset": data.name, "n_train": len(splits["random 10%"].train),
-              "model": "mlp 784-256-128-10", "targets": controller.targets.names,
-              "n_weights": controller.targets.n_weights,
-              "repeats": args.repeats, "retrain_seconds": retrain_seconds,
-              "control_unit_training_seconds": controller.seconds, "control_unit": controller.config,
-              "target": "request <= 1% of a retrain", "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"mimu_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# MIMU forget request vs retrain ({result['date']}, {device_name}, torch {torch.__version__}, "
-             f"{result['threads']} threads, load average {result['load_average_1min']:.1f} at the end)", "",
+    result = header | {"description": "mimu forget request vs retrain",
+                       "dataset": data.name, "n_train": len(splits["random 10%"].train),
+                       "model": "mlp 784-256-128-10", "targets": controller.targets.names,
+                       "n_weights": controller.targets.n_weights,
+                       "repeats": args.repeats, "retrain_seconds": retrain_seconds,
+                       "control_unit_training_seconds": controller.seconds, "control_unit": controller.config,
+                       "target": "request <= 1% of a retrain", "rows": rows}
+    lines = [f"# MIMU forget request vs retrain ({result['date']}, {result['device']}, torch {result['torch']}, "
+             f"{result['threads']} threads, load average {result['load_average_1min']:.1f} before the run)", "",
              f"Retrain (no cache, median): {retrain_seconds:.3f} s. Control unit training (one-off): "
              f"{controller.seconds:.2f} s. Target: a request <= 1% of a retrain.", "",
              "| request | forget samples | request s (bank kept) | % of retrain | request s (bank inside) "
@@ -96,7 +83,7 @@ def main() -> None:
     lines += [f"| {r['request']} | {r['forget samples']} | {r['request s (bank kept)']:.3f} | "
               f"{r['% of retrain (bank kept)']:.1f} | {r['request s (bank inside)']:.3f} | "
               f"{r['% of retrain (bank inside)']:.1f} | {r['reference bank s']:.3f} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(result, "\n".join(lines), "mimu", device, args.results)
     print("\n".join(lines))
 
 

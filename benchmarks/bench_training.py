@@ -1,30 +1,26 @@
 """Seconds to train the original model and the retrain oracle, in quick and full mode, on this device.
 
     python benchmarks/bench_training.py [--mode quick|full|both] [--dataset embedded] [--repeats 3] [--device auto]
+                                        [--results benchmarks/results]
 
-Writes ``benchmarks/results/training_<device>.json`` (device, versions, sizes, every run and the
-median after one warm-up run) and a Markdown table beside it. Models are trained without the cache.
+Writes ``training_<device type>.json`` (device, versions, sizes, every run and the median after one
+warm-up run) and a Markdown table beside it to ``--results``. Models are trained without the cache.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
 from pathlib import Path
 
 import torch
 
+from unlearnkit.benchmarking import median_reported, record_header, write_results
 from unlearnkit.data import load_dataset, random_split
-from unlearnkit.device import describe_device, get_device
+from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES, default_arch
 from unlearnkit.train import default_recipe, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
 
 
 def time_mode(dataset: str, device: torch.device, quick: bool, repeats: int) -> dict:
@@ -36,10 +32,10 @@ def time_mode(dataset: str, device: torch.device, quick: bool, repeats: int) -> 
     record = {"mode": "quick" if quick else "full", "dataset": data.name, "arch": arch, "recipe": recipe.__dict__,
               "n_train": len(split.train), "n_retain": len(split.retain)}
     for role, indices in (("original", split.train), ("oracle", split.retain)):
-        fit(data, indices, recipe, arch=arch, seed=0, cache=False, progress=False)  # warm-up
-        runs = [fit(data, indices, recipe, arch=arch, seed=r, cache=False, progress=False)[1] for r in range(repeats)]
-        record[f"{role}_seconds"] = runs
-        record[f"{role}_median_seconds"] = statistics.median(runs)
+        runs = median_reported(lambda indices=indices: fit(data, indices, recipe, arch=arch, seed=0, cache=False,
+                                                           progress=False)[1], repeats)
+        record[f"{role}_seconds"] = runs.seconds
+        record[f"{role}_median_seconds"] = runs.median
     return record
 
 
@@ -49,24 +45,22 @@ def main() -> None:
     parser.add_argument("--dataset", default="embedded")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
+                        "(default: benchmarks/results)")
     args = parser.parse_args()
 
     device = get_device(args.device)
+    header = record_header("training", device)
     modes = {"quick": [True], "full": [False], "both": [True, False]}[args.mode]
     results = [time_mode(args.dataset, device, quick, args.repeats) for quick in modes]
-    report = {"benchmark": "training", "date": datetime.date.today().isoformat(), "device": describe_device(device),
-              "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
-              "results": results}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"training_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    report = header | {"repeats": args.repeats, "results": results}
     lines = [f"# Training time ({report['device']}, torch {report['torch']}, {report['date']})", "",
              "| mode | dataset | arch | train size | epochs | original s (median) | oracle s (median) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['mode']} | {r['dataset']} | {r['arch']} | {r['n_train']} | {r['recipe']['epochs']} | "
                      f"{r['original_median_seconds']:.2f} | {r['oracle_median_seconds']:.2f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(report, "\n".join(lines), "training", device, args.results)
     print("\n".join(lines))
 
 

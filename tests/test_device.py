@@ -35,10 +35,3 @@ def test_seed_everything_makes_draws_repeat():
     seed_everything(5)
     assert torch.equal(a, torch.rand(3))
 
-
-def test_median_seconds_times_after_a_warm_up_and_describe_device_names_the_cpu():
-    from unlearnkit.device import describe_device, median_seconds
-    calls = []
-    seconds = median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=3)
-    assert len(calls) == 4 and 0 <= seconds < 0.1
-    assert "threads" in describe_device(torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOP count."""
+"""The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOPs and methods."""
 
 import importlib.util
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearnkit.data import ImageDataset
+from unlearnkit.data import ImageDataset, random_split
 from unlearnkit.models import build_model, model_for, whiten_stem
-from unlearnkit.train import Recipe, _cache_key, flip_crop, train_model
+from unlearnkit.train import Recipe, _cache_key, fit, flip_crop, train_model
 
 
 def _tiny_cifar(n: int = 96) -> ImageDataset:
@@ -89,3 +89,19 @@ def test_fastnet_is_much_cheaper_than_resnet18():
     assert bench.train_flops_per_image("fastnet") < 0.5 * bench.train_flops_per_image("resnet18")
     model = build_model("fastnet", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
+
+
+def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart():
+    bench = _load_benchmark()
+    assert "retrain" not in bench.UNLEARNING_METHODS and {"sisa", "mimu", "ga"} <= set(bench.UNLEARNING_METHODS)
+    data = _tiny_cifar(64)
+    split = random_split(data, 0.1, seed=0)
+    recipe = Recipe(epochs=1, batch_size=16)
+    original, _ = fit(data, split.train, recipe, arch="mlp", seed=0, cache=False, progress=False)
+    timed = bench.time_methods(original, data, split, recipe, ["ga", "sisa", "mimu", "no such method"],
+                               oracle_seconds=1.0)
+    for name in ("ga", "sisa", "mimu"):
+        assert timed[name]["seconds"] > 0 and timed[name]["speedup_vs_oracle"] == 1.0 / timed[name]["seconds"]
+    assert timed["sisa"]["one_off_seconds"] > 0 and timed["mimu"]["one_off_seconds"] > 0
+    assert "one_off_seconds" not in timed["ga"]
+    assert timed["no such method"]["seconds"] is None and "KeyError" in timed["no such method"]["error"]

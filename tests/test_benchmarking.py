@@ -1,0 +1,101 @@
+"""Recording benchmark runs: the timing helpers, the record header, the result files, and the runner of all scripts."""
+
+import datetime
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearnkit.benchmarking import describe_device, median_reported, median_seconds, record_header, write_results
+
+HEADER_FIELDS = {"benchmark", "date", "device", "device_type", "torch", "python", "cuda", "threads",
+                 "load_average_1min"}
+
+
+@dataclass
+class Reported:
+    seconds: float
+    call: int
+
+
+def test_median_seconds_times_after_a_warm_up_and_describe_device_names_the_cpu():
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=3)
+    assert len(calls) == 4 and 0 <= seconds < 0.1
+    assert "threads" in describe_device(torch.device("cpu"))
+
+
+def test_median_reported_ignores_the_warm_up_and_keeps_every_timed_result():
+    reported_seconds = iter([100.0, 3.0, 1.0, 2.0])  # the slow first call is the warm-up
+    calls = []
+
+    def run() -> Reported:
+        calls.append(len(calls))
+        return Reported(next(reported_seconds), calls[-1])
+
+    runs = median_reported(run, repeats=3)
+    assert len(calls) == 4
+    assert runs.median == 2.0 and runs.seconds == [3.0, 1.0, 2.0]
+    assert [r.call for r in runs.results] == [1, 2, 3] and runs.last.call == 3
+
+
+def test_median_reported_takes_plain_seconds_too_and_needs_a_timed_call():
+    reported_seconds = iter([9.0, 4.0, 6.0])
+    assert median_reported(lambda: next(reported_seconds), repeats=2).median == 5.0
+    with pytest.raises(ValueError, match="at least 1"):
+        median_reported(lambda: 1.0, repeats=0)
+
+
+def test_record_header_says_what_ran_where_and_when():
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    header = record_header("demo", torch.device("cpu"))
+    assert set(header) == HEADER_FIELDS
+    assert header["benchmark"] == "demo" and header["device_type"] == "cpu"
+    assert header["device"] == describe_device(torch.device("cpu"))
+    assert header["torch"] == torch.__version__ and header["cuda"] == torch.version.cuda
+    assert header["python"] == f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    assert header["threads"] == torch.get_num_threads()
+    date = datetime.datetime.fromisoformat(header["date"])
+    assert date.utcoffset() == datetime.timedelta(0) and date.microsecond == 0
+    assert before <= date <= before + datetime.timedelta(seconds=5)
+    assert header["load_average_1min"] is None or header["load_average_1min"] >= 0
+    json.dumps(header)  # a record must be writable as it is
+
+
+def test_write_results_writes_the_json_and_the_markdown_side_by_side(tmp_path):
+    record = record_header("demo", torch.device("cpu")) | {"rows": [{"seconds": 1.5}]}
+    results = tmp_path / "new" / "results"
+    stem = write_results(record, "| a |\n|---|", "demo_full", torch.device("cpu"), results)
+    assert stem == results / "demo_full_cpu"
+    json_text = (results / "demo_full_cpu.json").read_text()
+    assert json_text.endswith("}\n") and json_text.startswith('{\n  "benchmark": "demo"')
+    assert json.loads(json_text) == record
+    assert (results / "demo_full_cpu.md").read_text() == "| a |\n|---|\n"
+    write_results(record | {"rows": []}, "again\n", "demo_full", torch.device("cpu"), results)
+    assert json.loads((results / "demo_full_cpu.json").read_text())["rows"] == []
+    assert sorted(p.name for p in results.iterdir()) == ["demo_full_cpu.json", "demo_full_cpu.md"]
+
+
+def _load_runner():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("run_all", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_runner_goes_on_past_a_failing_script_and_names_it(tmp_path, capfd):
+    failing = tmp_path / "bench_fails.py"
+    failing.write_text("raise SystemExit(3)\n")
+    passing = tmp_path / "bench_passes.py"
+    passing.write_text("import pathlib, sys\n"
+                       "pathlib.Path(sys.argv[0]).with_suffix('.args').write_text(' '.join(sys.argv[1:]))\n")
+    failed = _load_runner().run_scripts([failing, passing], ["--device", "cpu", "--results", "out"])
+    assert failed == ["bench_fails.py"]
+    assert passing.with_suffix(".args").read_text() == "--device cpu --results out"
+    output = capfd.readouterr().out
+    assert "bench_fails.py: FAILED (exit code 3)" in output and "bench_passes.py: ok" in output

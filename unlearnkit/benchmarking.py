@@ -1,0 +1,139 @@
+"""Recording benchmark runs: timing helpers, the header every record starts with, and the files it goes to.
+
+The scripts in the repository's ``benchmarks/`` use these, so that every record names its machine,
+versions and date the same way and every median is taken the same way (one warm-up call first)::
+
+    record = record_header("gradient", device) | {"rows": rows}
+    write_results(record, markdown_table, "gradient", device, results_dir)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from .device import synchronize
+
+
+class ReportsSeconds(Protocol):
+    """Anything that carries its own measured seconds: an ``UnlearningResult``, a ``TrainLog``, a SISA report."""
+
+    seconds: float
+
+
+Result = TypeVar("Result", bound="float | ReportsSeconds")
+
+
+def describe_device(device: torch.device) -> str:
+    """A name for benchmark records: the GPU's model, or the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall-clock seconds of ``work()`` over ``repeats`` runs after one warm-up run, device synchronised."""
+    work()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class ReportedRuns(Generic[Result]):
+    """The timed calls of :func:`median_reported` (the warm-up call is not among them).
+
+    Attributes:
+        median: the median of ``seconds``.
+        seconds: the seconds each call reported, in call order.
+        results: what each call returned, in call order.
+    """
+
+    median: float
+    seconds: list[float]
+    results: list[Result]
+
+    @property
+    def last(self) -> Result:
+        """The last call's result, e.g. the model of the last unlearning run, to evaluate."""
+        return self.results[-1]
+
+
+def median_reported(run: Callable[[], Result], repeats: int) -> ReportedRuns[Result]:
+    """Call ``run()`` once to warm up, then ``repeats`` times, and take the median of the seconds it reports.
+
+    For work that times itself, such as an unlearning method (whose ``result.seconds`` covers the
+    unlearning step only, not the set-up around it) or a training run. ``run`` returns either the
+    seconds as a number or an object with a ``seconds`` attribute; the objects are kept in
+    ``results``, so a caller can evaluate the last model or read more of what the calls reported.
+
+    Raises:
+        ValueError: if ``repeats`` is less than 1.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    run()
+    results = [run() for _ in range(repeats)]
+    seconds = [float(r) if isinstance(r, int | float) else r.seconds for r in results]
+    return ReportedRuns(statistics.median(seconds), seconds, results)
+
+
+def record_header(benchmark: str, device: torch.device) -> dict:
+    """The fields every benchmark record starts with: what ran, where, with which versions, and when.
+
+    Call it before measuring: the 1-minute load average then says how busy the machine already was
+    with other work, which inflates wall-clock seconds on a shared machine (``None`` where the
+    operating system has no load average). ``cuda`` is the CUDA version torch was built with
+    (``None`` for a CPU-only build), whatever ``device`` is.
+    """
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": describe_device(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def write_results(record: dict, markdown: str, name: str, device: torch.device,
+                  results_dir: str | Path = "benchmarks/results") -> Path:
+    """Write ``record`` to ``<results_dir>/<name>_<device type>.json`` and ``markdown`` to the ``.md`` beside it.
+
+    Each file is written under a temporary name and then renamed, so an interrupted run leaves the
+    previous result whole rather than half a file. ``results_dir`` is created if needed.
+
+    Returns:
+        The path without its suffix, e.g. ``benchmarks/results/gradient_cpu``.
+    """
+    stem = Path(results_dir) / f"{name}_{device.type}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    markdown = markdown if markdown.endswith("\n") else markdown + "\n"
+    for suffix, text in ((".json", json.dumps(record, indent=2) + "\n"), (".md", markdown)):
+        path = stem.with_suffix(suffix)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+    return stem
