@@ -6,10 +6,14 @@ unlearning method's seconds on the same split.
     python benchmarks/bench_cifar.py --device cuda           # GPU: 50,000 images, full recipes
     python benchmarks/bench_cifar.py --device cuda --compile # the same with torch.compile
     python benchmarks/bench_cifar.py --results /tmp/try      # anywhere but the recorded results
+    python benchmarks/bench_cifar.py --device cuda --real --download  # real CIFAR-10, with test accuracy
 
-The images are **random uint8 tensors of CIFAR-10's shape** (3x32x32, 10 classes), not CIFAR-10:
-the machines this runs on cannot download it, and speed does not depend on the pixels. Accuracy
-is therefore not measured here (it needs the real data, e.g. on Colab).
+By default the images are **random uint8 tensors of CIFAR-10's shape** (3x32x32, 10 classes), not
+CIFAR-10: the machines this was written on cannot download it, and speed does not depend on the
+pixels, so no accuracy is measured. With ``--real`` it trains on CIFAR-10 itself (from the cache
+under ``data/``, or downloaded with ``--download``, e.g. on Colab) and also records the original
+model's and the oracle's test accuracy (plain, without airbench's test-time flips), written to
+``cifar_real_<device type>``.
 
 FLOPs per image (forward + backward, one training step) are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the peak comes from a table of known GPUs (dense
@@ -30,8 +34,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from unlearnkit.benchmarking import ReportedRuns, median_reported, record_header, write_results
-from unlearnkit.data import ImageDataset, Split, random_split
+from unlearnkit.data import ImageDataset, Split, load_dataset, random_split
 from unlearnkit.device import get_device
+from unlearnkit.evaluate import accuracy
 from unlearnkit.methods import METHODS, mimu, unlearn
 from unlearnkit.models import Classifier, build_model
 from unlearnkit.train import Recipe, default_recipe, fit, train_model
@@ -142,8 +147,11 @@ def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: fl
         split = random_split(data, 0.1, seed=0)
         original, record["original_s"] = fit(data, split.train, recipe, arch=arch, seed=0, cache=False,
                                              progress=False)
-        _, record["oracle_s"] = fit(data, split.retain, recipe, arch=arch, seed=0, cache=False, progress=False)
+        oracle, record["oracle_s"] = fit(data, split.retain, recipe, arch=arch, seed=0, cache=False, progress=False)
         record["oracle_epochs"] = recipe.epochs
+        if data.name == "cifar10":  # real images: accuracy means something
+            record["original_test_acc"] = accuracy(original, data, split.test)
+            record["oracle_test_acc"] = accuracy(oracle, data, split.test)
         if args.methods:
             print(f"{arch}: unlearning methods ...", flush=True)
             record["methods"] = time_methods(original, data, split, recipe, args.methods, record["oracle_s"])
@@ -151,13 +159,16 @@ def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: fl
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# CIFAR-10-shaped training speed ({report['device']}, torch {report['torch']}, {report['date']})", "",
+    data = "CIFAR-10" if report["real"] else "CIFAR-10-shaped"
+    lines = [f"# {data} training speed ({report['device']}, torch {report['torch']}, {report['date']})", "",
              report["note"], "",
              "| arch | images | epoch s (median) | images/s | GFLOP/image (train) | TFLOP/s | share of bf16 peak "
              "| oracle s (epochs) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         share = "n/a (CPU)" if r["fraction_of_bf16_peak"] is None else f"{r['fraction_of_bf16_peak']:.1%}"
         oracle = f"{r['oracle_s']:.2f} ({r['oracle_epochs']})" if "oracle_s" in r else "skipped"
+        if "oracle_test_acc" in r:
+            oracle += f", test acc {r['oracle_test_acc']:.1%} (original {r['original_test_acc']:.1%})"
         lines.append(f"| {r['arch']} | {r['n_train']} | {r['epoch_s_median']:.3f} | {r['images_per_s']:,.0f} | "
                      f"{r['train_gflop_per_image']:.2f} | {r['achieved_tflops']:.2f} | {share} | {oracle} |")
     methods = [(r["arch"], name, m) for r in report["results"] for name, m in r.get("methods", {}).items()]
@@ -179,12 +190,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--n-train", type=int, help="training images (default 50,000 on CUDA, 256 elsewhere)")
+    parser.add_argument("--n-train", type=int, help="random training images (default 50,000 on CUDA, 256 elsewhere; "
+                        "--real uses all of CIFAR-10)")
     parser.add_argument("--repeats", type=int, help="timed epochs after the warm-up (default 3 on CUDA, 1 elsewhere)")
     parser.add_argument("--epochs", type=int, help="epochs of the oracle (default: the recipe's; 1 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized run on any device")
     parser.add_argument("--skip-oracle", action="store_true", help="time the epochs only")
+    parser.add_argument("--real", action="store_true", help="train on real CIFAR-10 and record test accuracy")
+    parser.add_argument("--download", action="store_true", help="with --real: download CIFAR-10 if not cached")
     parser.add_argument("--methods", nargs="*", default=UNLEARNING_METHODS, choices=UNLEARNING_METHODS,
                         metavar="METHOD", help="unlearning methods to time on the oracle's split (default: "
                         f"{' '.join(UNLEARNING_METHODS)}; none: --methods)")
@@ -202,18 +216,23 @@ def main() -> None:
         args.epochs = 1
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    data = cifar_shaped(n_train, max(n_train // 5, 1), device)
+    if args.real:
+        data = load_dataset("cifar10", device, download=args.download)
+        note = "Real CIFAR-10; test accuracy of single models, no test-time augmentation."
+    else:
+        data = cifar_shaped(n_train, max(n_train // 5, 1), device)
+        note = ("Random uint8 tensors of CIFAR-10's shape (3x32x32, 10 classes), not CIFAR-10 itself "
+                "(no download possible here): speed only, no accuracy.")
     peak = peak_flops(device)
     report = header | {
         "peak_bf16_flops": peak,
-        "note": ("Random uint8 tensors of CIFAR-10's shape (3x32x32, 10 classes), not CIFAR-10 itself "
-                 "(no download possible here): speed only, no accuracy. "
-                 + ("Tiny CPU sizes; the targets are GPU numbers." if small else "")).strip(),
-        "compile": args.compile, "repeats": args.repeats,
+        "note": f"{note} {'Tiny CPU sizes; the targets are GPU numbers.' if small and not args.real else ''}".strip(),
+        "real": args.real, "compile": args.compile, "repeats": args.repeats,
         "results": [bench_arch(arch, data, args, peak) for arch in args.archs],
     }
     text = markdown(report)
-    write_results(report, text, "cifar_compile" if args.compile else "cifar", device, args.results)
+    name = "cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
+    write_results(report, text, name, device, args.results)
     print(text)
 
 

@@ -105,3 +105,18 @@ def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart():
     assert timed["sisa"]["one_off_seconds"] > 0 and timed["mimu"]["one_off_seconds"] > 0
     assert "one_off_seconds" not in timed["ga"]
     assert timed["no such method"]["seconds"] is None and "KeyError" in timed["no such method"]["error"]
+
+
+def test_the_benchmark_records_test_accuracy_on_real_cifar10_only():
+    import argparse
+
+    bench = _load_benchmark()
+    args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=False, methods=[])
+    shaped = _tiny_cifar(80)
+    record = bench.bench_arch("fastnet", shaped, args, peak=None)
+    assert record["oracle_s"] > 0 and "oracle_test_acc" not in record  # random pixels: accuracy means nothing
+    real = ImageDataset("cifar10", shaped.images, shaped.labels, 64, shaped.classes, shaped.mean, shaped.std)
+    record = bench.bench_arch("fastnet", real, args, peak=None)
+    assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
+    assert "test acc" in bench.markdown({"real": True, "device": "cpu", "torch": "x", "date": "d", "note": "n",
+                                         "results": [record]})
