@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +29,17 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     if request.node.get_closest_marker("notebook") is None:
         monkeypatch.setenv("UNLEARNKIT_DATA", str(tmp_path / "data"))
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Import a script of ``benchmarks/`` by name (``benchmark_script("bench_cifar")``); it is not a package."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,11 +1,9 @@
 """Recording benchmark runs: the timing helpers, the record header, the result files, and the runner of all scripts."""
 
 import datetime
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -80,21 +78,13 @@ def test_write_results_writes_the_json_and_the_markdown_side_by_side(tmp_path):
     assert sorted(p.name for p in results.iterdir()) == ["demo_full_cpu.json", "demo_full_cpu.md"]
 
 
-def _load_runner():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
-    spec = importlib.util.spec_from_file_location("run_all", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_runner_goes_on_past_a_failing_script_and_names_it(tmp_path, capfd):
+def test_the_runner_goes_on_past_a_failing_script_and_names_it(tmp_path, capfd, benchmark_script):
     failing = tmp_path / "bench_fails.py"
     failing.write_text("raise SystemExit(3)\n")
     passing = tmp_path / "bench_passes.py"
     passing.write_text("import pathlib, sys\n"
                        "pathlib.Path(sys.argv[0]).with_suffix('.args').write_text(' '.join(sys.argv[1:]))\n")
-    failed = _load_runner().run_scripts([failing, passing], ["--device", "cpu", "--results", "out"])
+    failed = benchmark_script("run_all").run_scripts([failing, passing], ["--device", "cpu", "--results", "out"])
     assert failed == ["bench_fails.py"]
     assert passing.with_suffix(".args").read_text() == "--device cpu --results out"
     output = capfd.readouterr().out

@@ -1,7 +1,5 @@
 """The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOPs and methods."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +16,6 @@ def _tiny_cifar(n: int = 96) -> ImageDataset:
     images = torch.randint(0, 64, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
     images = images + (labels * 60).view(-1, 1, 1, 1).to(torch.uint8)
     return ImageDataset("tiny", images, labels, n, ("a", "b", "c", "d"), (0.5,) * 3, (0.3,) * 3)
-
-
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cifar.py"
-    spec = importlib.util.spec_from_file_location("bench_cifar", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_fastnet_trains_on_the_cpu_and_its_loss_goes_down():
@@ -75,8 +65,8 @@ def test_the_compile_option_is_accepted_and_skipped_on_the_cpu_with_a_warning():
 
 
 @pytest.mark.parametrize("arch", ["fastnet", "resnet18"])
-def test_the_benchmark_counts_positive_training_flops(arch):
-    bench = _load_benchmark()
+def test_the_benchmark_counts_positive_training_flops(arch, benchmark_script):
+    bench = benchmark_script("bench_cifar")
     flops = bench.train_flops_per_image(arch)
     assert flops > 0
     if arch == "resnet18":  # 0.56 G multiply-adds forward = 1.1 GFLOP; backward twice that: about 3.3 GFLOP
@@ -84,15 +74,15 @@ def test_the_benchmark_counts_positive_training_flops(arch):
     assert bench.peak_flops(torch.device("cpu")) is None
 
 
-def test_fastnet_is_much_cheaper_than_resnet18():
-    bench = _load_benchmark()
+def test_fastnet_is_much_cheaper_than_resnet18(benchmark_script):
+    bench = benchmark_script("bench_cifar")
     assert bench.train_flops_per_image("fastnet") < 0.5 * bench.train_flops_per_image("resnet18")
     model = build_model("fastnet", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
 
 
-def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart():
-    bench = _load_benchmark()
+def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart(benchmark_script):
+    bench = benchmark_script("bench_cifar")
     assert "retrain" not in bench.UNLEARNING_METHODS and {"sisa", "mimu", "ga"} <= set(bench.UNLEARNING_METHODS)
     data = _tiny_cifar(64)
     split = random_split(data, 0.1, seed=0)
@@ -107,10 +97,10 @@ def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart():
     assert timed["no such method"]["seconds"] is None and "KeyError" in timed["no such method"]["error"]
 
 
-def test_the_benchmark_records_test_accuracy_on_real_cifar10_only():
+def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_script):
     import argparse
 
-    bench = _load_benchmark()
+    bench = benchmark_script("bench_cifar")
     args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=False, methods=[])
     shaped = _tiny_cifar(80)
     record = bench.bench_arch("fastnet", shaped, args, peak=None)
