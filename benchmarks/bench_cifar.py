@@ -47,6 +47,11 @@ CIFAR_SHAPE = (3, 32, 32)
 #: Every registered unlearning method but retrain: the retrain oracle is timed anyway, as the reference.
 UNLEARNING_METHODS = [name for name in METHODS if name != "retrain"]
 
+#: What a tiny (CPU) run's numbers can and cannot say.
+TINY_NOTE = ("Tiny CPU sizes; the targets are GPU numbers. The oracle trains for 1 epoch here, while fine-tune, "
+             "NegGrad+ and random labels make their default 2 or 3 passes and SISA's slice steps take at least one "
+             "epoch each, so their speed-ups fall below 1x; on a GPU run every model gets its full recipe.")
+
 #: Dense bf16 tensor-core peak in FLOP/s, by a substring of ``torch.cuda.get_device_name`` (first match
 #: wins, so the more specific names come first). Fp16 for the T4, which has no bf16.
 PEAK_BF16 = (
@@ -226,7 +231,7 @@ def main() -> None:
     peak = peak_flops(device)
     report = header | {
         "peak_bf16_flops": peak,
-        "note": f"{note} {'Tiny CPU sizes; the targets are GPU numbers.' if small and not args.real else ''}".strip(),
+        "note": f"{note} {TINY_NOTE if small and not args.real else ''}".strip(),
         "real": args.real, "compile": args.compile, "repeats": args.repeats,
         "results": [bench_arch(arch, data, args, peak) for arch in args.archs],
     }
