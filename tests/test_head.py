@@ -46,3 +46,4 @@ def test_head_inputs_are_what_the_head_sees(data):
     torch.testing.assert_close(model.head(head_inputs(model, data, idx)), model(data.images[idx]))
     with pytest.raises(TypeError, match="no final linear layer"):
         head_inputs(torch.nn.Sequential(torch.nn.Flatten()), data, idx)
+    assert head_inputs(model, data, idx[:0]).shape == (0, model.head.in_features)  # an empty set is no error

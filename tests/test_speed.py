@@ -1,21 +1,26 @@
-"""The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOPs and methods."""
+"""The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOPs and methods,
+and the GPU's precision, layout and compiled graphs, simulated on the CPU so that CI runs the CUDA code paths."""
 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import unlearnkit.train
 from unlearnkit.data import ImageDataset, random_split
+from unlearnkit.methods import METHODS, mimu, unlearn
 from unlearnkit.models import build_model, model_for, whiten_stem
-from unlearnkit.train import Recipe, _cache_key, fit, flip_crop, train_model
+from unlearnkit.train import Recipe, _cache_key, fit, flip_crop, grad_scaler, train_model
 
 
-def _tiny_cifar(n: int = 96) -> ImageDataset:
-    """Random CIFAR-shaped images whose label is written into their brightness, so there is something to learn."""
+def _tiny_cifar(n: int = 96, n_train: int | None = None) -> ImageDataset:
+    """Random CIFAR-shaped images whose label is written into their brightness, so there is something to learn;
+    the first ``n_train`` (default all) are the training pool, the rest the test set."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (n,), generator=generator)
     images = torch.randint(0, 64, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
     images = images + (labels * 60).view(-1, 1, 1, 1).to(torch.uint8)
-    return ImageDataset("tiny", images, labels, n, ("a", "b", "c", "d"), (0.5,) * 3, (0.3,) * 3)
+    return ImageDataset("tiny", images, labels, n_train or n, ("a", "b", "c", "d"), (0.5,) * 3, (0.3,) * 3)
 
 
 def test_fastnet_trains_on_the_cpu_and_its_loss_goes_down():
@@ -110,3 +115,44 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
     assert "test acc" in bench.markdown({"real": True, "device": "cpu", "torch": "x", "date": "d", "note": "n",
                                          "results": [record]})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16 (H100, A100)", "fp16 (T4)"])
+def test_every_method_runs_in_a_gpus_precision_and_layout(dtype, monkeypatch):
+    """The kit's CUDA policy (autocast, loss scaling for fp16, channels_last), switched on for the CPU.
+
+    CI has no GPU, so this is where a dtype mismatch or a ``view`` of a channels_last weight would
+    show up before a learner's Colab T4 or an H100 run meets it.
+    """
+    monkeypatch.setattr(unlearnkit.train, "autocast_dtype", lambda device: dtype)
+    monkeypatch.setattr(unlearnkit.train, "memory_format", lambda device: torch.channels_last)
+    assert grad_scaler(torch.device("cpu")).is_enabled() == (dtype == torch.float16)
+    data = _tiny_cifar(120, n_train=96)
+    split = random_split(data, 0.1, seed=0)
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.05)
+    model = model_for(data, "fastnet", seed=0, widths=(8, 16, 16))
+    seen = []
+    hook = model.backbone[2].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    train_model(model, data, split.train, recipe, progress=False)
+    hook.remove()
+    assert set(seen) == {dtype}, f"the training loop computed in {set(seen)}, not {dtype}"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
+    hyper = {"retrain": {"recipe": recipe, "cache": False}, "sisa": {"recipe": recipe, "progress": False},
+             "mimu": {"controller": mimu.train_controller(model, data, split.train, seed=0, progress=False),
+                      "progress": False}}
+    for name in METHODS:
+        result = unlearn(name, model, data, split, **hyper.get(name, {}))
+        with torch.no_grad():
+            logits = result.model(data.images[split.test])
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all(), name
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet18", "fastnet"])
+def test_every_architecture_compiles_to_one_graph(arch):
+    """``Recipe(compile=True)`` on CUDA: a graph break would silently cost speed, so trace with fullgraph."""
+    model = build_model(arch, (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, seed=0).train()
+    x, y = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (4,))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # tracing only: no C++ compiler needed
+    loss = F.cross_entropy(compiled(x), y)
+    loss.backward()
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))

@@ -22,7 +22,7 @@ from .train import autocast
 @torch.no_grad()
 def head_inputs(model: nn.Module, data: ImageDataset, indices: Tensor, batch_size: int = 2048) -> Tensor:
     """The features the head sees (``model.features(x)``) for ``data[indices]``, in float32, eval mode."""
-    head_of(model)
+    head = head_of(model)
     was_training = model.training
     model.eval()
     indices = torch.as_tensor(indices).to(data.device)
@@ -31,7 +31,7 @@ def head_inputs(model: nn.Module, data: ImageDataset, indices: Tensor, batch_siz
         for start in range(0, len(indices), batch_size):
             out.append(model.features(data.images[indices[start:start + batch_size]]).float())
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, head.in_features, device=data.device)
 
 
 def flat_head_params(head: nn.Linear) -> Tensor:

@@ -149,12 +149,31 @@ def make_schedule(optimizer, recipe: Recipe, total_steps: int):
     raise ValueError(f"unknown schedule {recipe.schedule!r}; use 'onecycle', 'cosine' or 'constant'")
 
 
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision the kit computes in on ``device``: bf16 on a GPU that has it, fp16 on one
+    that does not (a T4), ``None`` (full fp32) elsewhere, so that CPU runs stay bit-reproducible.
+
+    Every autocast region and loss scaler of the kit follows this one policy.
+    """
     if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """A context computing in :func:`autocast_dtype` precision on ``device`` (a no-op where that is ``None``)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """``channels_last`` on CUDA, the layout its tensor-core convolutions run fastest in; the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler, switched on only for fp16, whose narrow exponent range lets small gradients underflow."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
 
 def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
@@ -171,42 +190,46 @@ def train_model(model: nn.Module, data: ImageDataset, indices: Tensor, recipe: R
     """Train ``model`` in place on ``data[indices]`` with ``recipe``; return the :class:`TrainLog`.
 
     Reproducible on the CPU for a given ``seed`` (batch order and augmentation are drawn from it).
-    On CUDA it uses mixed precision and, for conv nets, channels_last.
+    On CUDA it computes in :func:`autocast_dtype` precision and the :func:`memory_format` layout.
     """
     if len(indices) == 0:
         raise ValueError("cannot train on an empty index set")
     device = data.device
     generator = torch.Generator().manual_seed(seed)
     indices = torch.as_tensor(indices).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format(device)
+    model = model.to(memory_format=layout)  # in place: a module's ``to`` converts its own parameters
     forward = _compiled(model, device) if recipe.compile else model
     optimizer = make_optimizer(model.parameters(), recipe, device)
     steps_per_epoch = sum(1 for _ in batches(indices, recipe.batch_size, shuffle=False))
     schedule = make_schedule(optimizer, recipe, recipe.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = grad_scaler(device)
     log = TrainLog()
     model.train()
     synchronize(device)
     start = time.perf_counter()
-    for _ in tqdm(range(recipe.epochs), desc=desc, leave=False, disable=not progress, mininterval=1.0):
-        total = torch.zeros((), device=device)
-        for batch in batches(indices, recipe.batch_size, generator):
-            x, y = data.images[batch], data.labels[batch]
-            if recipe.augment == "flip-crop":
-                x = flip_crop(x, generator)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                loss = F.cross_entropy(forward(x), y, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if schedule is not None:
-                schedule.step()
-            total += loss.detach() * len(batch)
-        log.epoch_losses.append(total.item() / len(indices))  # one sync per epoch, not per step
+    with warnings.catch_warnings():
+        if scaler.is_enabled():
+            # fp16's scaler skips the first steps, whose scaled gradients overflow, while it settles on a
+            # scale; the schedule moving on meanwhile is torch's AMP recipe, not the mistake it warns of
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in tqdm(range(recipe.epochs), desc=desc, leave=False, disable=not progress, mininterval=1.0):
+            total = torch.zeros((), device=device)
+            for batch in batches(indices, recipe.batch_size, generator):
+                x, y = data.images[batch], data.labels[batch]
+                if recipe.augment == "flip-crop":
+                    x = flip_crop(x, generator)
+                x = x.contiguous(memory_format=layout)
+                with autocast(device):
+                    loss = F.cross_entropy(forward(x), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if schedule is not None:
+                    schedule.step()
+                total += loss.detach() * len(batch)
+            log.epoch_losses.append(total.item() / len(indices))  # one sync per epoch, not per step
     synchronize(device)
     log.seconds = time.perf_counter() - start
     if not torch.isfinite(torch.tensor(log.epoch_losses[-1])):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..data import ImageDataset, Split
 from ..evaluate import accuracy
 from ..models import clone
-from ..train import Recipe, autocast, batches, make_optimizer
+from ..train import Recipe, autocast, batches, grad_scaler, make_optimizer
 from .base import Stopwatch, UnlearningResult, register
 
 #: Defaults per method and architecture (``config["arch"]`` of the model). The MLP values were
@@ -144,8 +144,7 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
     recipe = Recipe(lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
                     optimizer="sgd", schedule="constant")
     optimizer = make_optimizer(model.parameters(), recipe, device)
-    # fp16 autocast (GPUs without bf16) needs loss scaling, as in train_model; elsewhere a no-op.
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = grad_scaler(device)
     steps_per_epoch = sum(1 for _ in batches(driver, hyper["batch_size"], shuffle=False))
     trace, trace_steps, epoch_losses = [accuracy(model, data, split.forget)], [0], []
     steps, epochs_run, stopped = 0, 0, False

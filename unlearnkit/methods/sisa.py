@@ -22,6 +22,7 @@ Two ways to run the slice steps:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ from ..models import Classifier, build_model
 from ..train import (
     Recipe,
     autocast,
+    autocast_dtype,
     batches,
     load_checkpoint,
     make_optimizer,
@@ -554,8 +556,12 @@ def train_stacked(models: list[nn.Module], data: ImageDataset, indices: list[Ten
     velocity = {n: torch.zeros_like(p) for n, p in params.items()}
     smoothing, decay, nesterov = recipe.label_smoothing, recipe.weight_decay, recipe.momentum > 0
 
+    # fp16 needs a loss scaler, which this functional step does not carry; the stacked models are small
+    # (no batch norm), so on a GPU without bf16 they train in full precision instead
+    fp16 = autocast_dtype(device) == torch.float16
+
     def loss_fn(p, b, x, y, w):
-        with autocast(device):
+        with contextlib.nullcontext() if fp16 else autocast(device):
             logits = torch.func.functional_call(base, (p, b), (x,))
         losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
         return (losses * w).sum() / w.sum()
