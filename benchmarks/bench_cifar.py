@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from unlearnkit.benchmarking import ReportedRuns, median_reported, record_header, write_results
+from unlearnkit.benchmarking import ReportedRuns, median_reported, record_header, run_summary, write_results
 from unlearnkit.data import ImageDataset, Split, load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy
@@ -165,8 +165,7 @@ def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: fl
 
 def markdown(report: dict) -> str:
     data = "CIFAR-10" if report["real"] else "CIFAR-10-shaped"
-    lines = [f"# {data} training speed ({report['device']}, torch {report['torch']}, {report['date']})", "",
-             report["note"], "",
+    lines = [f"# {data} training speed", "", run_summary(report), "", report["note"], "",
              "| arch | images | epoch s (median) | images/s | GFLOP/image (train) | TFLOP/s | share of bf16 peak "
              "| oracle s (epochs) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:

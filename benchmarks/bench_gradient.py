@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, write_results
+from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy, comparison_table
 from unlearnkit.lesson import standard_setting
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = (
         f"# Gradient family vs retrain ({result['mode']} mode: {data.name}, {setting.arch}, forget "
         f"{len(split.forget)} of {len(split.train)}, seed {args.seed})\n\n"
-        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, 1-min load average before the "
-        f"run {result['load_average_1min']:.1f}, {result['date']}. Seconds: median of {args.repeats} runs after a "
+        f"{run_summary(result)}. Seconds: median of {args.repeats} runs after a "
         "warm-up, retrain timed fresh in the same run (no cache). Accuracies, MIA-efficacy (%) and gap "
         "(points) from the course's comparison table.\n\n"
         "| method | steps | seconds | speed-up | forget acc | retain acc | test acc | MIA | gap |\n"

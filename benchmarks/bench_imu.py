@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from unlearnkit.benchmarking import median_seconds, record_header, write_results
+from unlearnkit.benchmarking import median_seconds, record_header, run_summary, write_results
 from unlearnkit.data import load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.head import head_inputs, per_sample_head_grads
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = "\n".join(f"| {k} | {v:.4f} | {loop / v:.1f}x |" for k, v in result["seconds_median"].items())
     text = (f"# IMU influence scores, {args.n} forget samples, head {result['head']}\n\n"
-            f"{result['device']}, torch {result['torch']}, torch threads: {result['threads']}, 1-min load average "
-            f"before the run {result['load_average_1min']:.1f}, {result['date']}. Medians after a warm-up; all "
+            f"{run_summary(result)}. Medians after a warm-up; all "
             "paths give the same scores (checked).\n\n"
             f"| path | seconds | speed-up vs loop |\n|---|---|---|\n{rows}\n")
     write_results(result, text, "imu", device, args.results)

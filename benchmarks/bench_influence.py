@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unlearnkit.benchmarking import median_seconds, record_header, write_results
+from unlearnkit.benchmarking import median_seconds, record_header, run_summary, write_results
 from unlearnkit.device import get_device
 from unlearnkit.head import flat_head_params, head_hessian, head_inputs, per_sample_head_grads
 from unlearnkit.lesson import standard_setting
@@ -101,8 +101,8 @@ def main() -> None:
                        "sizes": {"train": len(split.train), "forget": len(split.forget), "retain": len(split.retain),
                                  "model_params": n_params},
                        "rows": rows}
-    lines = [f"# Influence benchmark ({report['device']}, torch {report['torch']}, {report['mode']} mode, "
-             f"median of {args.repeats} after a warm-up, {report['date']})", "",
+    lines = [f"# Influence benchmark ({report['mode']} mode, median of {args.repeats} after a warm-up)", "",
+             run_summary(report), "",
              "| task | seconds | vs loop / quality |", "|---|---|---|"]
     for row in rows:
         if "vmap_s" in row:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, write_results
+from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
 from unlearnkit.data import class_split, load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES
@@ -74,8 +74,7 @@ def main() -> None:
                        "repeats": args.repeats, "retrain_seconds": retrain_seconds,
                        "control_unit_training_seconds": controller.seconds, "control_unit": controller.config,
                        "target": "request <= 1% of a retrain", "rows": rows}
-    lines = [f"# MIMU forget request vs retrain ({result['date']}, {result['device']}, torch {result['torch']}, "
-             f"{result['threads']} threads, load average {result['load_average_1min']:.1f} before the run)", "",
+    lines = ["# MIMU forget request vs retrain", "", run_summary(result), "",
              f"Retrain (no cache, median): {retrain_seconds:.3f} s. Control unit training (one-off): "
              f"{controller.seconds:.2f} s. Target: a request <= 1% of a retrain.", "",
              "| request | forget samples | request s (bank kept) | % of retrain | request s (bank inside) "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, write_results
+from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy
 from unlearnkit.lesson import Setting, standard_setting
@@ -103,11 +103,11 @@ def main() -> None:
         "arch": setting.arch, "recipe": setting.recipe.__dict__, "repeats": args.repeats,
         "deletion": deletions, "vmap_vs_sequential": stacked,
     }
-    lines = [f"# SISA on {record['device']} ({record['date']}, torch {record['torch']}, {record['threads']} threads)",
-             "", f"{record['n_train']} training samples, {record['arch']}, medians of {args.repeats} runs after a "
-             "warm-up. Deletion = one random training sample; S = R = 1 is a full retrain. Load average "
-             f"before the run: {record['load_average_1min']:.1f} (1 min) on {os.cpu_count()} CPUs; wall-clock "
-             "ratios on a loaded machine are noisy, the cost fraction (sample-gradient evaluations) is not.", "",
+    lines = ["# SISA", "", f"{run_summary(record)}.", "",
+             f"{record['n_train']} training samples, {record['arch']}, medians of {args.repeats} runs after a "
+             "warm-up. Deletion = one random training sample; S = R = 1 is a full retrain. On a loaded machine "
+             f"with {os.cpu_count()} CPUs wall-clock ratios are noisy; the cost fraction (sample-gradient "
+             "evaluations) is not.", "",
              "| S | R | test acc | train s | delete s | speed-up vs retrain | cost fraction | model (2R+1)/(3RS) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in deletions:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, write_results
+from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
 from unlearnkit.data import load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES, default_arch
@@ -54,7 +54,7 @@ def main() -> None:
     modes = {"quick": [True], "full": [False], "both": [True, False]}[args.mode]
     results = [time_mode(args.dataset, device, quick, args.repeats) for quick in modes]
     report = header | {"repeats": args.repeats, "results": results}
-    lines = [f"# Training time ({report['device']}, torch {report['torch']}, {report['date']})", "",
+    lines = ["# Training time", "", run_summary(report), "",
              "| mode | dataset | arch | train size | epochs | original s (median) | oracle s (median) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in results:

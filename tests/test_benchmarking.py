@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from unlearnkit.benchmarking import describe_device, median_reported, median_seconds, record_header, write_results
+from unlearnkit.benchmarking import (
+    describe_device,
+    median_reported,
+    median_seconds,
+    record_header,
+    run_summary,
+    write_results,
+)
 
 HEADER_FIELDS = {"benchmark", "date", "device", "device_type", "torch", "python", "cuda", "threads",
                  "load_average_1min"}
@@ -89,3 +96,13 @@ def test_the_runner_goes_on_past_a_failing_script_and_names_it(tmp_path, capfd, 
     assert passing.with_suffix(".args").read_text() == "--device cpu --results out"
     output = capfd.readouterr().out
     assert "bench_fails.py: FAILED (exit code 3)" in output and "bench_passes.py: ok" in output
+
+
+def test_run_summary_names_the_machine_and_copes_without_a_load_average():
+    record = record_header("demo", torch.device("cpu"))
+    summary = run_summary(record)
+    assert record["device"] in summary and record["date"] in summary and "CUDA" not in summary
+    gpu = record | {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "cuda": "12.8",
+                    "load_average_1min": None}  # Windows has no load average
+    assert run_summary(gpu).startswith("NVIDIA H100 80GB HBM3, torch ") and "(CUDA 12.8)" in run_summary(gpu)
+    assert "load average unknown" in run_summary(gpu)

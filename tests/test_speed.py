@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearnkit.train
+from unlearnkit.benchmarking import record_header
 from unlearnkit.data import ImageDataset, random_split
 from unlearnkit.methods import METHODS, mimu, unlearn
 from unlearnkit.models import build_model, model_for, whiten_stem
@@ -113,8 +114,8 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     real = ImageDataset("cifar10", shaped.images, shaped.labels, 64, shaped.classes, shaped.mean, shaped.std)
     record = bench.bench_arch("fastnet", real, args, peak=None)
     assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
-    assert "test acc" in bench.markdown({"real": True, "device": "cpu", "torch": "x", "date": "d", "note": "n",
-                                         "results": [record]})
+    header = record_header("cifar", torch.device("cpu"))
+    assert "test acc" in bench.markdown(header | {"real": True, "note": "n", "results": [record]})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16 (H100, A100)", "fp16 (T4)"])

@@ -4,7 +4,8 @@ The scripts in the repository's ``benchmarks/`` use these, so that every record 
 versions and date the same way and every median is taken the same way (one warm-up call first)::
 
     record = record_header("gradient", device) | {"rows": rows}
-    write_results(record, markdown_table, "gradient", device, results_dir)
+    markdown = f"# Gradient methods\n\n{run_summary(record)}\n\n{table}"
+    write_results(record, markdown, "gradient", device, results_dir)
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ def record_header(benchmark: str, device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def run_summary(record: dict) -> str:
+    """One line naming where and when a record was measured, for the Markdown beside its JSON::
+
+        NVIDIA H100 80GB HBM3, torch 2.x (CUDA 12.x), 16 threads, 1-min load average 0.4 before the run, <date>
+    """
+    cuda = f" (CUDA {record['cuda']})" if record.get("cuda") and record["device_type"] == "cuda" else ""
+    load = record["load_average_1min"]
+    load_text = f"{load:.1f}" if load is not None else "unknown"
+    return (f"{record['device']}, torch {record['torch']}{cuda}, {record['threads']} threads, "
+            f"1-min load average {load_text} before the run, {record['date']}")
 
 
 def write_results(record: dict, markdown: str, name: str, device: torch.device,
