@@ -55,8 +55,9 @@ TINY_NOTE = ("Tiny CPU sizes; the targets are GPU numbers. The oracle trains for
 #: Dense bf16 tensor-core peak in FLOP/s, by a substring of ``torch.cuda.get_device_name`` (first match
 #: wins, so the more specific names come first). Fp16 for the T4, which has no bf16.
 PEAK_BF16 = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("T4", 65e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
+    ("A10", 125e12), ("T4", 65e12),
 )
 
 

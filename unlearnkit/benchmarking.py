@@ -36,14 +36,14 @@ Result = TypeVar("Result", bound="float | ReportsSeconds")
 
 
 def describe_device(device: torch.device) -> str:
-    """A name for benchmark records: the GPU's model, or the CPU's model and torch's thread count."""
+    """A name for benchmark records: the GPU's model, or the CPU's (the thread count is a field of its own)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
         if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -205,7 +205,7 @@ def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in:
     Returns:
         ``[n]`` z-scores ``(target - mean_out) / std_out``: high = likely a member.
     """
-    out = ~shadow_in
+    out = ~shadow_in.to(shadow_statistics.device)  # membership is bookkept on the CPU, statistics on the data's device
     count = out.sum(0)
     if (count < min_out).all():
         raise ValueError(f"no example has {min_out} or more OUT shadow models; train more shadows")
@@ -216,7 +216,7 @@ def lira_offline(target_statistic: Tensor, shadow_statistics: Tensor, shadow_in:
         var = squared.sum() / (count - 1).clamp_min(0).sum().clamp_min(1)
     else:
         var = squared.sum(0) / (count - 1).clamp_min(1)
-    z = (target_statistic.double() - mean) / var.sqrt().clamp_min(1e-6)
+    z = (target_statistic.to(stats.device).double() - mean) / var.sqrt().clamp_min(1e-6)
     return torch.where(count >= min_out, z, torch.zeros_like(z)).float()
 
 

@@ -85,8 +85,8 @@ def per_class_comparison(accuracy_a: Tensor, accuracy_b: Tensor, classes: Sequen
     """Side-by-side per-class accuracy of two models (the Unlearning Comparator's class view)."""
     ax = _axes(ax)
     x = np.arange(len(classes))
-    ax.bar(x - 0.2, 100 * accuracy_a.numpy(), 0.4, label=names[0])
-    ax.bar(x + 0.2, 100 * accuracy_b.numpy(), 0.4, label=names[1])
+    ax.bar(x - 0.2, 100 * accuracy_a.cpu().numpy(), 0.4, label=names[0])
+    ax.bar(x + 0.2, 100 * accuracy_b.cpu().numpy(), 0.4, label=names[1])
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set(title=title, ylabel="accuracy (%)", ylim=(0, 105))
     ax.legend(loc="lower right")

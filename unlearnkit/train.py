@@ -157,7 +157,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 tensor cores came with compute capability 8 (Ampere); torch.cuda.is_bf16_supported() also says
+    # yes to older GPUs that only emulate it, slowly
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def autocast(device: torch.device) -> torch.autocast:
