@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from unlearnkit.evaluate import (
+    assert_same_model,
     attack_auc,
     comparison_table,
     evaluate_model,
@@ -15,6 +16,7 @@ from unlearnkit.evaluate import (
     threshold_attack,
     tpr_at_fpr,
 )
+from unlearnkit.models import clone, model_for
 from unlearnkit.train import Recipe, fit
 
 RECIPE = Recipe(epochs=3, batch_size=128, lr=0.05)
@@ -108,3 +110,16 @@ def test_per_class_accuracy_has_one_entry_per_class(data, small_split):
     model, _ = fit(data, small_split.train, RECIPE, seed=0, progress=False)
     acc = per_class_accuracy(model, data, small_split.test)
     assert acc.shape == (10,) and ((acc >= 0) & (acc <= 1)).all()
+
+
+def test_assert_same_model_is_bitwise_on_the_cpu_and_names_what_differs(data, small_split):
+    model = model_for(data, "mlp", seed=0)
+    assert_same_model(model, clone(model), data, small_split.test)
+    nudged = clone(model)
+    with torch.no_grad():
+        nudged.head.bias[0] += 1e-6
+    with pytest.raises(AssertionError, match="head.bias"):
+        assert_same_model(model, nudged, data, small_split.test)
+    assert_same_model(model, nudged, data, small_split.test, atol=1e-5)
+    with pytest.raises(AssertionError, match="different entries"):
+        assert_same_model(model, model_for(data, "mlp", seed=0, hidden=(32,)), data, small_split.test)

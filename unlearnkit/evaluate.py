@@ -44,6 +44,34 @@ def accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) -> float:
     return (logits.argmax(1) == data.labels[torch.as_tensor(indices).to(data.device)]).float().mean().item()
 
 
+def assert_same_model(ours: nn.Module, theirs: nn.Module, data: ImageDataset, indices: Tensor, *,
+                      rtol: float = 0.0, atol: float = 0.0, max_disagreement: float = 0.02) -> None:
+    """Check that two models built the same way (from scratch, and by the kit) are the same model.
+
+    On the CPU, where the kit computes in fp32 with deterministic kernels, every entry of the two
+    state dicts must agree to ``rtol`` / ``atol`` (the default 0 asks for bit-for-bit equality). On a
+    GPU, reduced-precision autocast and kernels that sum with atomics make two runs of one
+    computation differ in the last bits, and training amplifies them; there the two must predict the
+    same class for all but ``max_disagreement`` of ``data[indices]``.
+
+    Raises:
+        AssertionError: naming the first entry that differs, or the share of predictions that do.
+    """
+    if data.device.type == "cpu":
+        mine, kits = ours.state_dict(), theirs.state_dict()
+        if mine.keys() != kits.keys():
+            raise AssertionError(f"the models have different entries: {sorted(mine.keys() ^ kits.keys())}")
+        for name, tensor in mine.items():
+            torch.testing.assert_close(tensor, kits[name], rtol=rtol, atol=atol,
+                                       msg=lambda message, name=name: f"{name}: {message}")
+        return
+    predicted = [predict_logits(model, data, indices).argmax(1) for model in (ours, theirs)]
+    disagreement = (predicted[0] != predicted[1]).float().mean().item()
+    if disagreement > max_disagreement:
+        raise AssertionError(f"the models predict different classes for {disagreement:.1%} of the samples; at most "
+                             f"{max_disagreement:.0%} is rounding on {data.device.type}")
+
+
 def true_class_confidence(logits: Tensor, labels: Tensor) -> Tensor:
     """p(y | x): the softmax probability of each sample's true label."""
     return logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
