@@ -232,12 +232,13 @@ def main() -> None:
     report = header | {
         "peak_bf16_flops": peak,
         "note": f"{note} {TINY_NOTE if small and not args.real else ''}".strip(),
-        "real": args.real, "compile": args.compile, "repeats": args.repeats,
-        "results": [bench_arch(arch, data, args, peak) for arch in args.archs],
+        "real": args.real, "compile": args.compile, "repeats": args.repeats, "results": [],
     }
-    text = markdown(report)
     name = "cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
-    write_results(report, text, name, device, args.results)
+    for arch in args.archs:  # written after each architecture, so a run cut off by a time limit keeps the first
+        report["results"].append(bench_arch(arch, data, args, peak))
+        text = markdown(report)
+        write_results(report, text, name, device, args.results)
     print(text)
 
 

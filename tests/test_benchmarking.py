@@ -3,6 +3,7 @@
 import datetime
 import json
 import sys
+import tarfile
 from dataclasses import dataclass
 
 import pytest
@@ -107,3 +108,22 @@ def test_run_summary_names_the_machine_and_copes_without_a_load_average():
                     "load_average_1min": None}  # Windows has no load average
     assert run_summary(gpu).startswith("NVIDIA H100 80GB HBM3, torch ") and "(CUDA 12.8)" in run_summary(gpu)
     assert "load average unknown" in run_summary(gpu)
+
+
+def test_the_runner_picks_scripts_by_name_and_archives_the_results(tmp_path, benchmark_script):
+    run_all = benchmark_script("run_all")
+    assert [p.name for p in run_all.select_scripts(["cifar", "bench_sisa.py"])] == ["bench_cifar.py", "bench_sisa.py"]
+    assert len(run_all.select_scripts(None)) == len(list(run_all.BENCHMARKS.glob("bench_*.py"))) >= 7
+    with pytest.raises(SystemExit, match="no benchmark called nonsense; choose from cifar"):
+        run_all.select_scripts(["nonsense"])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "demo_cpu.json").write_text("{}\n")
+    (results / "demo_cpu.md").write_text("# demo\n")
+    archive = tmp_path / "out" / "results.tar.gz"
+    archive.parent.mkdir()
+    run_all.archive_results(results, archive)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["demo_cpu.json", "demo_cpu.md"]
+        assert tar.extractfile("demo_cpu.md").read() == b"# demo\n"
+    assert [p.name for p in archive.parent.iterdir()] == ["results.tar.gz"]
