@@ -128,7 +128,7 @@ def test_cifar10_loads_through_torchvision_from_files_in_its_format(tmp_path, mo
     data = load_dataset("cifar10", root=tmp_path)
     assert data.images.shape == (24, 3, 32, 32) and data.n_train_pool == 20 and data.channels == 3
     expected = np.frombuffer(pickle.load(open(folder / "data_batch_1", "rb"))["data"][0].tobytes(), np.uint8)
-    assert torch.equal(data.images[0], torch.from_numpy(expected.reshape(3, 32, 32)))
+    assert torch.equal(data.images[0], torch.from_numpy(expected.reshape(3, 32, 32).copy()))
 
 
 def test_embedded_files_are_uncompressed_idx():

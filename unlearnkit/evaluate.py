@@ -45,19 +45,23 @@ def accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) -> float:
 
 
 def assert_same_model(ours: nn.Module, theirs: nn.Module, data: ImageDataset, indices: Tensor, *,
-                      rtol: float = 0.0, atol: float = 0.0, max_disagreement: float = 0.02) -> None:
+                      rtol: float = 0.0, atol: float = 0.0, max_disagreement: float = 0.02,
+                      exact: bool | None = None) -> None:
     """Check that two models built the same way (from scratch, and by the kit) are the same model.
 
     On the CPU, where the kit computes in fp32 with deterministic kernels, every entry of the two
     state dicts must agree to ``rtol`` / ``atol`` (the default 0 asks for bit-for-bit equality). On a
     GPU, reduced-precision autocast and kernels that sum with atomics make two runs of one
     computation differ in the last bits, and training amplifies them; there the two must predict the
-    same class for all but ``max_disagreement`` of ``data[indices]``.
+    same class for all but ``max_disagreement`` of ``data[indices]``. ``exact`` overrides the choice
+    (default: exact on the CPU only).
 
     Raises:
         AssertionError: naming the first entry that differs, or the share of predictions that do.
     """
-    if data.device.type == "cpu":
+    if exact is None:
+        exact = data.device.type == "cpu"
+    if exact:
         mine, kits = ours.state_dict(), theirs.state_dict()
         if mine.keys() != kits.keys():
             raise AssertionError(f"the models have different entries: {sorted(mine.keys() ^ kits.keys())}")
