@@ -17,8 +17,11 @@ model's and the oracle's test accuracy (plain, without airbench's test-time flip
 
 FLOPs per image (forward + backward, one training step) are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the peak comes from a table of known GPUs (dense
-bf16 tensor-core FLOP/s) and is null on a CPU or an unknown device. Each unlearning method runs
-once on the oracle's split; one-off work (SISA's ensemble, MIMU's control unit) is timed apart.
+bf16 tensor-core FLOP/s) and is null on a CPU or an unknown device. On CUDA one more epoch runs under
+``torch.cuda.set_sync_debug_mode`` to count the operations that made the CPU wait for the GPU: a few
+per epoch is the aim, one per step would leave the GPU idle while the CPU queues the next step.
+Each unlearning method runs once on the oracle's split; one-off work (SISA's ensemble, MIMU's control
+unit) is timed apart.
 Writes ``cifar_<device type>.json`` and ``.md`` (``cifar_compile_...`` with ``--compile``) to
 ``--results``: medians of ``--repeats`` timed epochs after one warm-up epoch, with the device,
 versions and date.
@@ -27,6 +30,7 @@ versions and date.
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +43,7 @@ from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy
 from unlearnkit.methods import METHODS, mimu, unlearn
 from unlearnkit.models import Classifier, build_model
-from unlearnkit.train import Recipe, default_recipe, fit, train_model
+from unlearnkit.train import Recipe, batches, default_recipe, fit, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = ("resnet18", "fastnet")
@@ -97,11 +101,32 @@ def bench_recipe(arch: str, data: ImageDataset, full: bool, epochs: int | None, 
     return recipe if epochs is None else recipe.with_(epochs=epochs)
 
 
-def time_epochs(arch: str, data: ImageDataset, recipe: Recipe, repeats: int) -> ReportedRuns:
-    """Seconds of single training epochs over the whole training pool, after one warm-up epoch."""
+def time_epochs(arch: str, data: ImageDataset, recipe: Recipe, repeats: int) -> tuple[ReportedRuns, int | None]:
+    """Seconds of single training epochs over the whole training pool, after one warm-up epoch; and, on CUDA,
+    how often one more epoch made the CPU wait for the GPU (:func:`count_gpu_waits`)."""
     model = build_model(arch, CIFAR_SHAPE, 10, data.mean, data.std, seed=0).to(data.device)
     one_epoch = recipe.with_(epochs=1)
-    return median_reported(lambda: train_model(model, data, data.train_pool, one_epoch, progress=False), repeats)
+
+    def epoch():
+        return train_model(model, data, data.train_pool, one_epoch, progress=False)
+
+    runs = median_reported(epoch, repeats)
+    return runs, count_gpu_waits(epoch) if data.device.type == "cuda" else None
+
+
+def count_gpu_waits(run) -> int:
+    """How many operations of ``run()`` made the CPU wait for the GPU, as ``torch.cuda.set_sync_debug_mode``
+    reports them. A loop that keeps the GPU busy waits a few times per epoch (the loss it reports, the
+    timer), not once per step: while the CPU waits it cannot queue the next step's kernels."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def time_method(name: str, original: Classifier, data: ImageDataset, split: Split, recipe: Recipe) -> dict:
@@ -141,13 +166,15 @@ def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: fl
     full = data.device.type == "cuda" and not args.tiny
     recipe = bench_recipe(arch, data, full, args.epochs, args.compile)
     print(f"{arch}: timing epochs ...", flush=True)
-    epochs = time_epochs(arch, data, recipe, args.repeats)
+    epochs, gpu_waits = time_epochs(arch, data, recipe, args.repeats)
     flops = train_flops_per_image(arch)
     images_per_s = data.n_train_pool / epochs.median
     record = {"arch": arch, "recipe": recipe.__dict__, "n_train": data.n_train_pool,
               "epoch_s": epochs.seconds, "epoch_s_median": epochs.median, "images_per_s": images_per_s,
               "train_gflop_per_image": flops / 1e9, "achieved_tflops": flops * images_per_s / 1e12,
-              "fraction_of_bf16_peak": None if peak is None else flops * images_per_s / peak}
+              "fraction_of_bf16_peak": None if peak is None else flops * images_per_s / peak,
+              "gpu_waits_per_epoch": gpu_waits,
+              "steps_per_epoch": sum(1 for _ in batches(data.train_pool, recipe.batch_size, shuffle=False))}
     if not args.skip_oracle:
         print(f"{arch}: original model and retrain oracle ...", flush=True)
         split = random_split(data, 0.1, seed=0)
@@ -168,14 +195,16 @@ def markdown(report: dict) -> str:
     data = "CIFAR-10" if report["real"] else "CIFAR-10-shaped"
     lines = [f"# {data} training speed", "", run_summary(report), "", report["note"], "",
              "| arch | images | epoch s (median) | images/s | GFLOP/image (train) | TFLOP/s | share of bf16 peak "
-             "| oracle s (epochs) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| CPU waits / steps per epoch | oracle s (epochs) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         share = "n/a (CPU)" if r["fraction_of_bf16_peak"] is None else f"{r['fraction_of_bf16_peak']:.1%}"
         oracle = f"{r['oracle_s']:.2f} ({r['oracle_epochs']})" if "oracle_s" in r else "skipped"
         if "oracle_test_acc" in r:
             oracle += f", test acc {r['oracle_test_acc']:.1%} (original {r['original_test_acc']:.1%})"
+        waits = "n/a (CPU)" if r["gpu_waits_per_epoch"] is None else r["gpu_waits_per_epoch"]
         lines.append(f"| {r['arch']} | {r['n_train']} | {r['epoch_s_median']:.3f} | {r['images_per_s']:,.0f} | "
-                     f"{r['train_gflop_per_image']:.2f} | {r['achieved_tflops']:.2f} | {share} | {oracle} |")
+                     f"{r['train_gflop_per_image']:.2f} | {r['achieved_tflops']:.2f} | {share} | "
+                     f"{waits} / {r['steps_per_epoch']} | {oracle} |")
     methods = [(r["arch"], name, m) for r in report["results"] for name, m in r.get("methods", {}).items()]
     if methods:
         lines += ["", "Unlearning methods on the oracle's split (10% forgotten), one request each, hyper-parameters at "

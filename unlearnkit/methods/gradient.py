@@ -322,7 +322,8 @@ def wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -
     """A uniformly random label different from each of ``labels`` (``(y + k) mod C``, k in 1..C-1)."""
     if num_classes < 2:
         raise ValueError("random wrong labels need at least two classes")
-    shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+    # drawn on the CPU so that runs reproduce; non_blocking so that the GPU is not drained once per step
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device, non_blocking=True)
     return (labels + shift) % num_classes
 
 
