@@ -167,7 +167,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device) -> torch.autocast:
     """A context computing in :func:`autocast_dtype` precision on ``device`` (a no-op where that is ``None``)."""
     dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    if dtype is None:  # a switched-off context, of the one device type every build of torch accepts
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -177,7 +179,8 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """A loss scaler, switched on only for fp16, whose narrow exponent range lets small gradients underflow."""
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+    fp16 = autocast_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type if fp16 else "cpu", enabled=fp16)  # a switched-off one, as above
 
 
 def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
