@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from unlearnkit.device import get_device, seed_everything
+from unlearnkit.device import get_device, seed_everything, to_device_async
 
 
 def test_auto_picks_an_available_device_and_says_which(capsys):
@@ -35,3 +35,8 @@ def test_seed_everything_makes_draws_repeat():
     seed_everything(5)
     assert torch.equal(a, torch.rand(3))
 
+
+
+def test_to_device_async_is_the_tensor_itself_on_the_cpu():
+    draws = torch.randint(0, 9, (2, 5))
+    assert to_device_async(draws, torch.device("cpu")) is draws

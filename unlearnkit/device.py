@@ -57,6 +57,18 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)`` for a small CPU tensor (random draws, say) that a GPU loop needs every step.
+
+    A plain copy to the GPU makes the CPU wait until every queued kernel has run, so the CPU could no
+    longer queue step t+1 while the GPU computes step t. Staged through pinned memory, the copy joins
+    the GPU's queue instead. On the CPU it is ``tensor`` itself.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a wall-clock reading covers it."""
     if device.type == "cuda":

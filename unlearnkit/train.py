@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import ImageDataset, data_root
-from .device import synchronize
+from .device import synchronize, to_device_async
 from .models import Classifier, model_for, whiten_stem
 
 
@@ -110,14 +110,12 @@ def flip_crop(images: Tensor, generator: torch.Generator | None = None, pad: int
     """
     n, _, h, w = images.shape
     flip = torch.rand(n, generator=generator) < 0.5
-    # non_blocking: a copy from the CPU otherwise waits for every queued GPU kernel, once per step, and the
-    # CPU could no longer queue the next step while the GPU works (the source is copied before the call returns)
-    images = torch.where(flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1), images.flip(-1), images)
+    images = torch.where(to_device_async(flip, images.device).view(-1, 1, 1, 1), images.flip(-1), images)
     padded = F.pad(images, (pad, pad, pad, pad))
     if not per_sample:
         dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
         return padded[:, :, dy:dy + h, dx:dx + w]
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device, non_blocking=True)
+    dy, dx = to_device_async(torch.randint(0, 2 * pad + 1, (2, n), generator=generator), images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # [N, H, 1]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # [N, 1, W]
     sample = torch.arange(n, device=images.device)[:, None, None]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import ImageDataset, Split
+from ..device import to_device_async
 from ..evaluate import accuracy
 from ..models import clone
 from ..train import Recipe, autocast, batches, grad_scaler, make_optimizer
@@ -322,8 +323,7 @@ def wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -
     """A uniformly random label different from each of ``labels`` (``(y + k) mod C``, k in 1..C-1)."""
     if num_classes < 2:
         raise ValueError("random wrong labels need at least two classes")
-    # drawn on the CPU so that runs reproduce; non_blocking so that the GPU is not drained once per step
-    shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device, non_blocking=True)
+    shift = to_device_async(torch.randint(1, num_classes, labels.shape, generator=generator), labels.device)
     return (labels + shift) % num_classes
 
 
