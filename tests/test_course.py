@@ -65,3 +65,32 @@ def test_readme_links_every_lesson_to_colab_at_the_one_repository_url():
     for path in lesson_notebooks():
         assert f"{REPOSITORY_URL.removeprefix('https://github.com/')}/blob/main/notebooks/{path.name}" in readme, \
             f"README has no Colab link for {path.name}"
+
+
+def test_a_hung_cell_is_run_again_in_a_fresh_kernel_and_reported(tmp_path, monkeypatch):
+    from nbclient.exceptions import CellTimeoutError
+
+    from unlearnkit import course
+
+    _notebook(tmp_path / "00_sleeps.ipynb", "x = 1", "import time\ntime.sleep(60)")
+    run = course.execute_notebook(tmp_path / "00_sleeps.ipynb", tmp_path / "out", {"QUICK": True}, html=False,
+                                  cell_timeout=2)
+    assert not run.ok and run.error == "hung or died in each of 2 attempts"
+    assert len(run.hangs) == 2 and run.seconds < 30
+    assert all(h.startswith("CellTimeoutError: A cell timed out") and "(cell starting `import time`)" in h
+               for h in run.hangs), run.hangs
+
+    calls = []
+
+    def hangs_once(path, executed, parameters, cell_timeout):
+        calls.append(cell_timeout)
+        if len(calls) == 1:
+            raise CellTimeoutError("A cell timed out while it was being executed, after 300 seconds.")
+        return None, None
+
+    monkeypatch.setattr(course, "_papermill", hangs_once)
+    run = course.execute_notebook(tmp_path / "00_sleeps.ipynb", tmp_path / "again", {"QUICK": True}, html=False)
+    assert run.ok and len(run.hangs) == 1 and "ran again after" in run.describe()
+    assert calls == [course.CELL_TIMEOUT["quick"]] * 2
+    run = course.execute_notebook(tmp_path / "00_sleeps.ipynb", tmp_path / "full", {"QUICK": False}, html=False)
+    assert calls[-1] == course.CELL_TIMEOUT["full"]

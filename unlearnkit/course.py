@@ -12,12 +12,15 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .data import DATASETS, REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+#: Seconds a cell may run: a quick-mode lesson runs in about 90 s in all, so a quick cell that takes
+#: minutes has hung; a full-mode cell on a GPU can legitimately train for an hour.
+CELL_TIMEOUT = {"quick": 300, "full": 4 * 3600}
 
 
 @dataclass
@@ -32,11 +35,13 @@ class NotebookRun:
     html: str | None = None
     failed_cell: int | None = None
     error: str | None = None
+    hangs: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
+        rerun = f"; ran again after: {'; '.join(self.hangs)}" if self.hangs else ""
         if self.ok:
-            return f"{self.notebook}: ok in {self.seconds:.0f} s ({self.checks} check cells)"
-        return f"{self.notebook}: FAILED at cell {self.failed_cell}: {self.error}"
+            return f"{self.notebook}: ok in {self.seconds:.0f} s ({self.checks} check cells){rerun}"
+        return f"{self.notebook}: FAILED at cell {self.failed_cell}: {self.error}{rerun}"
 
 
 def lesson_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -50,15 +55,43 @@ def _count_check_cells(notebook_path: Path) -> int:
 
 
 def execute_notebook(path: Path, out_dir: Path, parameters: dict, *, html: bool = True,
-                     cell_timeout: int = 1200) -> NotebookRun:
-    """Execute one notebook with papermill into ``out_dir``; never raises for a failing cell."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+                     cell_timeout: int | None = None, attempts: int = 2) -> NotebookRun:
+    """Execute one notebook with papermill into ``out_dir``; never raises for a failing cell.
 
+    A cell that errors (a failed Check included) fails the run at once. A cell that hangs past
+    ``cell_timeout`` seconds (default :data:`CELL_TIMEOUT` for the mode), or a kernel that dies, is
+    different: headless execution of ipywidgets cells occasionally never returns (jupyter/nbclient#312,
+    jupyter/nbconvert#1921; seen here about once in sixty runs), so the notebook is run again in a
+    fresh kernel, up to ``attempts`` times in all, and the run records each hang in ``hangs``.
+    """
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    if cell_timeout is None:
+        cell_timeout = CELL_TIMEOUT["quick" if parameters.get("QUICK", True) else "full"]
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / path.name
     start = time.perf_counter()
-    failed_cell, error = None, None
+    hangs: list[str] = []
+    while True:
+        try:
+            failed_cell, error = _papermill(path, executed, parameters, cell_timeout)
+            break
+        except (CellTimeoutError, DeadKernelError) as exc:
+            hangs.append(_describe_hang(exc))
+            if len(hangs) >= attempts:
+                failed_cell, error = None, f"hung or died in each of {attempts} attempts"
+                break
+    seconds = time.perf_counter() - start
+    html_path = _render_html(executed) if html and executed.exists() else None
+    return NotebookRun(path.name, error is None, seconds, _count_check_cells(path), str(executed),
+                       html_path, failed_cell, error, hangs)
+
+
+def _papermill(path: Path, executed: Path, parameters: dict, cell_timeout: int) -> tuple[int | None, str | None]:
+    """Run papermill once; ``(failed cell, error)`` for a cell that raised, ``(None, None)`` when all passed."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     try:
         papermill.execute_notebook(str(path), str(executed), parameters=parameters, kernel_name="python3",
                                    progress_bar=False, cwd=str(path.parent), execution_timeout=cell_timeout)
@@ -66,13 +99,19 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict, *, html: bool 
         # papermill's 0-based index counts its injected-parameters cell, which follows the lesson's
         # parameters cell; past that point it equals the 1-based position in the lesson as the learner
         # sees it (markdown cells included).
-        failed_cell = exc.cell_index
         first_line = next((line for line in exc.source.splitlines() if line.strip()), "")
-        error = f"{exc.ename}: {exc.evalue.strip()[:500]} (cell starting `{first_line[:80]}`)"
-    seconds = time.perf_counter() - start
-    html_path = _render_html(executed) if html and executed.exists() else None
-    return NotebookRun(path.name, error is None, seconds, _count_check_cells(path), str(executed),
-                       html_path, failed_cell, error)
+        return exc.cell_index, f"{exc.ename}: {exc.evalue.strip()[:500]} (cell starting `{first_line[:80]}`)"
+    return None, None
+
+
+def _describe_hang(exc: Exception) -> str:
+    """``CellTimeoutError: <first line> (cell starting `<source>`)``; nbclient quotes the cell between dashes."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+    quoted = next((i for i, line in enumerate(lines) if line.startswith("-----")), None)
+    if quoted is not None and quoted + 1 < len(lines):
+        text += f" (cell starting `{lines[quoted + 1][:80]}`)"
+    return text
 
 
 def _render_html(executed: Path) -> str:
@@ -107,9 +146,12 @@ def _write_summary(out_dir: Path, runs: list[NotebookRun], parameters: dict) -> 
     (out_dir / "summary.json").write_text(json.dumps(
         {"parameters": parameters, "runs": [asdict(r) for r in runs]}, indent=2))
     lines = [f"# Course run ({', '.join(f'{k}={v}' for k, v in parameters.items())})", "",
-             "| lesson | result | seconds | check cells | failure |", "|---|---|---:|---:|---|"]
+             "| lesson | result | seconds | check cells | failure, or hangs run again |", "|---|---|---:|---:|---|"]
     for r in runs:
-        failure = f"cell {r.failed_cell}: {r.error}".replace("|", "\\|") if not r.ok else ""
+        failure = f"cell {r.failed_cell}: {r.error}" if not r.ok else ""
+        if r.hangs:
+            failure += f" (ran again after: {'; '.join(r.hangs)})"
+        failure = failure.replace("|", "\\|")
         lines.append(f"| {r.notebook} | {'ok' if r.ok else 'FAILED'} | {r.seconds:.0f} | {r.checks} | {failure} |")
     passed = sum(r.ok for r in runs)
     lines += ["", f"{passed} passed, {len(runs) - passed} failed"]
