@@ -1,12 +1,14 @@
 """The course runner, and the conventions every committed lesson keeps."""
 
 import json
+import os
+import sys
 
 import nbformat
 from papermill.translators import PythonTranslator
 
 from unlearnkit import REPOSITORY_URL
-from unlearnkit.course import lesson_notebooks, main
+from unlearnkit.course import _see_base_jupyter_data, lesson_notebooks, main
 from unlearnkit.data import REPO_ROOT
 
 
@@ -94,3 +96,16 @@ def test_a_hung_cell_is_run_again_in_a_fresh_kernel_and_reported(tmp_path, monke
     assert calls == [course.CELL_TIMEOUT["quick"]] * 2
     run = course.execute_notebook(tmp_path / "00_sleeps.ipynb", tmp_path / "full", {"QUICK": False}, html=False)
     assert calls[-1] == course.CELL_TIMEOUT["full"]
+
+
+def test_html_rendering_finds_the_base_pythons_templates_from_a_system_site_packages_venv(tmp_path, monkeypatch):
+    base, venv = tmp_path / "base", tmp_path / "venv"
+    (base / "share" / "jupyter").mkdir(parents=True)
+    monkeypatch.setattr(sys, "base_prefix", str(base))
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setenv("JUPYTER_PATH", "/elsewhere")
+
+    _see_base_jupyter_data()
+    _see_base_jupyter_data()  # idempotent: one entry however many lessons are rendered
+
+    assert os.environ["JUPYTER_PATH"].split(os.pathsep) == ["/elsewhere", str(base / "share" / "jupyter")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,10 +119,21 @@ def _render_html(executed: Path) -> str:
     import nbformat
     from nbconvert import HTMLExporter
 
+    _see_base_jupyter_data()
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     target = executed.with_suffix(".html")
     target.write_text(body, encoding="utf-8")
     return str(target)
+
+
+def _see_base_jupyter_data() -> None:
+    """Let Jupyter find the base Python's data files (nbconvert's HTML templates among them) from a venv made
+    with ``--system-site-packages``: such a venv imports the base's nbconvert, but Jupyter only searches the
+    venv's own ``share/jupyter``, so rendering fails with "No template sub-directory with name 'lab'"."""
+    base_data = Path(sys.base_prefix, "share", "jupyter")
+    search_path = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if sys.prefix != sys.base_prefix and base_data.is_dir() and str(base_data) not in search_path:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [*search_path, str(base_data)]))
 
 
 def run_course(out_dir: Path, *, quick: bool = True, dataset: str = "embedded", device: str = "auto",
