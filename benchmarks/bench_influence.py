@@ -5,7 +5,8 @@
 2. The inverse-HVP of the classifier-level Newton step: exact (explicit Hessian + Cholesky),
    conjugate gradient and LiSSA, with the residual each one reaches (one timed run after a warm-up).
 
-    python benchmarks/bench_influence.py [--device auto] [--repeats 3] [--full] [--results benchmarks/results]
+    python benchmarks/bench_influence.py [--device auto] [--repeats 3] [--full] [--dataset embedded]
+        [--results benchmarks/results]
 
 Writes ``influence_<device type>.json`` and ``.md`` to ``--results`` (medians after a warm-up).
 """
@@ -32,12 +33,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="full-size data and model instead of quick mode")
+    parser.add_argument("--dataset", default="embedded", help="embedded (default), fashion-mnist, mnist")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
                         "(default: benchmarks/results)")
     args = parser.parse_args()
     device = get_device(args.device)
     header = record_header("influence", device)
-    setting = standard_setting("embedded", device, not args.full, 0, forget=0.1, progress=False)
+    setting = standard_setting(args.dataset, device, not args.full, 0, forget=0.1, progress=False)
     model, data, split = setting.original.eval(), setting.data, setting.split
     rows = []
 
@@ -87,8 +89,8 @@ def main() -> None:
     }
     reference = influence.solve_exact(hessian, rhs).solution
     for name, solve in solves.items():
-        seconds = median_seconds(solve, device, 1)  # each solve is hundreds of HVPs: one timed run
-        result = solve()
+        result = solve()  # the warm-up gives the solution; each solve is hundreds of HVPs: one timed run
+        seconds = median_seconds(solve, device, 1, warm_up=False)
         row = {"task": f"inverse-HVP, head Newton step ({len(theta)} unknowns, {len(feats_r)} retained): {name}",
                "seconds": seconds + (build_s if name.startswith("exact") else 0.0),
                "hvps": result.hvps, "residual": result.residual,
@@ -97,11 +99,12 @@ def main() -> None:
             row["hessian_build_s"] = build_s
         rows.append(row)
 
-    report = header | {"mode": "full" if args.full else "quick", "repeats": args.repeats,
+    report = header | {"mode": "full" if args.full else "quick", "dataset": args.dataset, "repeats": args.repeats,
                        "sizes": {"train": len(split.train), "forget": len(split.forget), "retain": len(split.retain),
                                  "model_params": n_params},
                        "rows": rows}
-    lines = [f"# Influence benchmark ({report['mode']} mode, median of {args.repeats} after a warm-up)", "",
+    lines = [f"# Influence benchmark ({report['mode']} mode, {args.dataset}, median of {args.repeats} after a "
+             "warm-up)", "",
              run_summary(report), "",
              "| task | seconds | vs loop / quality |", "|---|---|---|"]
     for row in rows:

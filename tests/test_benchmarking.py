@@ -32,6 +32,8 @@ def test_median_seconds_times_after_a_warm_up_and_describe_device_names_the_cpu(
     calls = []
     seconds = median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=3)
     assert len(calls) == 4 and 0 <= seconds < 0.1
+    median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=1, warm_up=False)
+    assert len(calls) == 5  # the caller's own run was the warm-up
     name = describe_device(torch.device("cpu"))
     assert name and "threads" not in name  # run_summary adds the thread count once, from the record
 

@@ -46,9 +46,11 @@ def describe_device(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall-clock seconds of ``work()`` over ``repeats`` runs after one warm-up run, device synchronised."""
-    work()
+def median_seconds(work: Callable[[], object], device: torch.device, repeats: int, warm_up: bool = True) -> float:
+    """Median wall-clock seconds of ``work()`` over ``repeats`` runs, device synchronised; after one warm-up run
+    unless the caller has just run ``work`` itself (``warm_up=False``)."""
+    if warm_up:
+        work()
     times = []
     for _ in range(repeats):
         synchronize(device)
