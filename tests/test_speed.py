@@ -1,6 +1,7 @@
 """The speed kit: the fast CIFAR net, per-sample crops, the compile option, the CIFAR benchmark's FLOPs and methods,
 and the GPU's precision, layout and compiled graphs, simulated on the CPU so that CI runs the CUDA code paths."""
 
+import contextlib
 
 import pytest
 import torch
@@ -116,6 +117,30 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
     header = record_header("cifar", torch.device("cpu"))
     assert "test acc" in bench.markdown(header | {"real": True, "note": "n", "results": [record]})
+
+
+def test_cudnn_autotunes_the_epoch_timing_only(benchmark_script, monkeypatch):
+    """Autotuning makes each new input shape pay seconds of kernel timing (measured on an H100), which must
+    not land in a one-off request's seconds: only the fixed-shape epoch timing, after a warm-up, uses it."""
+    bench = benchmark_script("bench_cifar")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with bench.cudnn_autotuning(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark is True
+    with bench.cudnn_autotuning(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is False
+    assert torch.backends.cudnn.benchmark is False  # restored for the models and methods that follow
+    seen = []
+    monkeypatch.setattr(bench, "cudnn_autotuning", lambda device: seen.append(device) or contextlib.nullcontext())
+    data = _tiny_cifar(40)
+    bench.time_epochs("fastnet", data, Recipe(epochs=1, batch_size=16), repeats=1)
+    assert seen == [data.device]
+    header = record_header("cifar", torch.device("cpu"))
+    gpu_runs = header | {"device_type": "cuda", "real": False, "note": "n", "results": [
+        {"arch": "fastnet", "n_train": 1, "epoch_s_median": 1.0, "images_per_s": 1.0, "train_gflop_per_image": 1.0,
+         "achieved_tflops": 1.0, "fraction_of_bf16_peak": 0.1, "gpu_waits_per_epoch": 0, "steps_per_epoch": 1,
+         "methods": {"ga": {"seconds": 1.0, "speedup_vs_oracle": 1.0}}}]}
+    assert "on for every run" in bench.markdown(gpu_runs)  # a record from before the fix says what it includes
+    assert "ran without it" in bench.markdown(gpu_runs | {"cudnn_autotuning": "epochs"})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16 (H100, A100)", "fp16 (T4)"])
