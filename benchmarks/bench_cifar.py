@@ -6,6 +6,7 @@ unlearning method's seconds on the same split.
     python benchmarks/bench_cifar.py --device cuda           # GPU: 50,000 images, full recipes
     python benchmarks/bench_cifar.py --device cuda --compile # the same with torch.compile
     python benchmarks/bench_cifar.py --results /tmp/try      # anywhere but the recorded results
+    python benchmarks/bench_cifar.py --device cuda --skip-oracle --batch-size 512 --profile  # where the time goes
     python benchmarks/bench_cifar.py --device cuda --real --download  # real CIFAR-10, with test accuracy
 
 By default the images are **random uint8 tensors of CIFAR-10's shape** (3x32x32, 10 classes), not
@@ -115,9 +116,13 @@ def train_flops_per_image(arch: str, batch: int = 4) -> int:
     return counter.get_total_flops() // batch
 
 
-def bench_recipe(arch: str, data: ImageDataset, full: bool, epochs: int | None, compile_: bool) -> Recipe:
-    """The course's recipe for ``arch`` on CIFAR-10 (flips and crops on), optionally with fewer epochs."""
+def bench_recipe(arch: str, data: ImageDataset, full: bool, epochs: int | None, compile_: bool,
+                 batch_size: int | None = None) -> Recipe:
+    """The course's recipe for ``arch`` on CIFAR-10 (flips and crops on), optionally with fewer epochs or
+    another batch size."""
     recipe = default_recipe(data, arch, quick=not full).with_(augment="flip-crop", compile=compile_)
+    if batch_size is not None:
+        recipe = recipe.with_(batch_size=batch_size)
     return recipe if epochs is None else recipe.with_(epochs=epochs)
 
 
@@ -150,6 +155,23 @@ def cudnn_autotuning(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+def profile_epoch(arch: str, data: ImageDataset, recipe: Recipe, rows: int = 30) -> str:
+    """A table of the operations that took the most device time (CPU time on a CPU) in one training epoch,
+    after a warm-up epoch, from ``torch.profiler``: where an epoch's seconds go, to decide what to speed up."""
+    model = build_model(arch, CIFAR_SHAPE, 10, data.mean, data.std, seed=0).to(data.device)
+    one_epoch = recipe.with_(epochs=1)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if data.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with cudnn_autotuning(data.device):
+        train_model(model, data, data.train_pool, one_epoch, progress=False)
+        with torch.profiler.profile(activities=activities) as profiler:
+            train_model(model, data, data.train_pool, one_epoch, progress=False)
+    sort_by = "cuda_time_total" if data.device.type == "cuda" else "cpu_time_total"
+    return (f"{arch}, one epoch of {data.n_train_pool} images, batch {recipe.batch_size}, compile={recipe.compile}, "
+            f"{data.device.type}\n\n{profiler.key_averages().table(sort_by=sort_by, row_limit=rows)}\n")
 
 
 def count_gpu_waits(run) -> int:
@@ -202,9 +224,14 @@ def time_methods(original: Classifier, data: ImageDataset, split: Split, recipe:
 
 def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: float | None) -> dict:
     full = data.device.type == "cuda" and not args.tiny
-    recipe = bench_recipe(arch, data, full, args.epochs, args.compile)
+    recipe = bench_recipe(arch, data, full, args.epochs, args.compile, args.batch_size)
     print(f"{arch}: timing epochs ...", flush=True)
     epochs, gpu_waits = time_epochs(arch, data, recipe, args.repeats)
+    if args.profile:
+        path = args.results / f"cifar_profile_{arch}_{data.device.type}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(profile_epoch(arch, data, recipe))
+        print(f"{arch}: profile of one epoch in {path}", flush=True)
     flops = train_flops_per_image(arch)
     images_per_s = data.n_train_pool / epochs.median
     record = {"arch": arch, "recipe": recipe.__dict__, "n_train": data.n_train_pool,
@@ -271,6 +298,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized run on any device")
     parser.add_argument("--skip-oracle", action="store_true", help="time the epochs only")
+    parser.add_argument("--batch-size", type=int, help="batch size of every model (default: the recipe's); "
+                        "the record is written as cifar_bs<N>_...")
+    parser.add_argument("--profile", action="store_true", help="also write cifar_profile_<arch>_<device>.txt: the "
+                        "operations that take an epoch's time")
     parser.add_argument("--real", action="store_true", help="train on real CIFAR-10 and record test accuracy")
     parser.add_argument("--download", action="store_true", help="with --real: download CIFAR-10 if not cached")
     parser.add_argument("--methods", nargs="*", default=UNLEARNING_METHODS, choices=UNLEARNING_METHODS,
@@ -302,7 +333,8 @@ def main() -> None:
         "real": args.real, "compile": args.compile, "repeats": args.repeats,
         "cudnn_autotuning": "epochs" if device.type == "cuda" else "off", "results": [],
     }
-    name = "cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
+    name = ("cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
+            + (f"_bs{args.batch_size}" if args.batch_size else ""))
     for arch in args.archs:  # written after each architecture, so a run cut off by a time limit keeps the first
         report["results"].append(bench_arch(arch, data, args, peak))
         text = markdown(report)

@@ -108,7 +108,8 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     import argparse
 
     bench = benchmark_script("bench_cifar")
-    args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=False, methods=[])
+    args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=False, methods=[],
+                              batch_size=None, profile=False)
     shaped = _tiny_cifar(80)
     record = bench.bench_arch("fastnet", shaped, args, peak=None)
     assert record["oracle_s"] > 0 and "oracle_test_acc" not in record  # random pixels: accuracy means nothing
@@ -117,6 +118,18 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
     header = record_header("cifar", torch.device("cpu"))
     assert "test acc" in bench.markdown(header | {"real": True, "note": "n", "results": [record]})
+
+
+def test_the_benchmark_profiles_an_epoch_at_the_batch_size_asked_for(benchmark_script, tmp_path):
+    import argparse
+
+    bench = benchmark_script("bench_cifar")
+    args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=True, methods=[],
+                              batch_size=8, profile=True, results=tmp_path)
+    record = bench.bench_arch("fastnet", _tiny_cifar(40), args, peak=None)
+    assert record["recipe"]["batch_size"] == 8 and record["steps_per_epoch"] == 5
+    table = (tmp_path / "cifar_profile_fastnet_cpu.txt").read_text()
+    assert "batch 8" in table and "aten::convolution" in table  # the epoch's convolutions were recorded
 
 
 def test_cudnn_autotunes_the_epoch_timing_only(benchmark_script, monkeypatch):
