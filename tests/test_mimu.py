@@ -212,3 +212,23 @@ def test_bad_input_is_rejected(setting, controller):
     with pytest.raises(TypeError):  # a masked view hides its head: head-level code would bypass the mask
         head_of(M.MaskedModel(model, controller.targets))
     assert METHODS["mimu"] is M.mimu
+
+
+def test_a_view_leaves_the_batch_norm_of_its_base_alone():
+    """Evaluation code puts a model back in the mode it found it in (``model.train(was_training)``). A view that
+    started in training mode would thereby switch its base's batch norm to batch statistics, and every later
+    forward pass would rewrite the running statistics of the original model (found by lesson 06 in full mode,
+    whose CNN has batch norm; the MLP of quick mode has none)."""
+    data = load_dataset("embedded", "cpu")
+    split = random_split(data, 50, seed=0, n_train=600, n_test=200)
+    model, _ = fit(data, split.train, Recipe(epochs=1), arch="cnn", seed=0, progress=False, cache=False)
+    assert any("running_mean" in name for name in model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    controller = M.train_controller(model, data, split.train, steps=2, batch_size=8, hidden=8, progress=False)
+    view = M.mimu(model, data, split, controller=controller, threshold=0.5, reference_size=50).model
+    was_training = view.training
+    view.eval()
+    view.train(was_training)
+    assert not model.training and not view.copy().training
+    view(data.images[split.test])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

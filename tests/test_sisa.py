@@ -1,5 +1,7 @@
 """SISA: layout, exact deletion, the guarantees it promises, and the vmapped path against the sequential one."""
 
+import copy
+
 import pytest
 import torch
 
@@ -181,3 +183,17 @@ def test_request_cost_predicts_the_report(data, tiny):
     request = torch.cat([ensemble.slices[0][1][:2], ensemble.slices[2][0][:1]])
     predicted = ensemble.request_cost(request)
     assert predicted == ensemble.forget(request).cost_fraction
+
+
+def test_the_ensemble_module_leaves_the_batch_norm_of_its_constituents_alone(data, tiny):
+    """Evaluating the ensemble module puts it back in the mode it found it in; that must be the constituents'
+    (eval), or their batch norm would switch to batch statistics and rewrite its running statistics."""
+    split, _ = tiny
+    ensemble = SISAEnsemble.train(model_for(data, "cnn", seed=0), data, split.train, Recipe(epochs=1, batch_size=64),
+                                  shards=2, slices=1, seed=0, vmap=False, progress=False)
+    before = [copy.deepcopy(m) for m in ensemble.constituents]
+    assert any("running_mean" in name for name in before[0].state_dict())
+    accuracy(ensemble.model, data, split.test)
+    assert not any(m.training for m in ensemble.constituents)
+    ensemble.predict_proba(data.images[split.test])
+    assert all(states_equal(m, kept) for m, kept in zip(ensemble.constituents, before, strict=True))

@@ -697,6 +697,10 @@ class MaskedModel(nn.Module):
         self.base = model
         self.targets = targets
         self.requests: dict[str, Tensor] = dict(requests or {})
+        # A new module starts in training mode, and code that puts a model back in the mode it found it in
+        # (``model.train(was_training)``) would then switch the base's batch norm to batch statistics and
+        # let every forward pass rewrite its running statistics: the view takes the base's mode instead.
+        self.train(model.training)
 
     def keep(self) -> Tensor | None:
         """The ``[N]`` float mask in use (``None`` when no request is active)."""

@@ -167,6 +167,9 @@ class SISAModel(nn.Module):
         if not any(active):
             raise ValueError("every shard is empty: there is no constituent left to predict with")
         self.register_buffer("active", torch.tensor(active), persistent=False)
+        # In the constituents' mode, not nn.Module's default (training): code that puts a model back in the mode
+        # it found it in would otherwise switch their batch norm to batch statistics (see MaskedModel).
+        self.training = all(m.training for m in self.constituents)
 
     def probabilities(self, x: Tensor) -> Tensor:
         """``[S_active, n, C]`` softmax outputs of the constituents whose shard still holds data."""
