@@ -700,7 +700,7 @@ class MaskedModel(nn.Module):
         # A new module starts in training mode, and code that puts a model back in the mode it found it in
         # (``model.train(was_training)``) would then switch the base's batch norm to batch statistics and
         # let every forward pass rewrite its running statistics: the view takes the base's mode instead.
-        self.train(model.training)
+        self.training = model.training
 
     def keep(self) -> Tensor | None:
         """The ``[N]`` float mask in use (``None`` when no request is active)."""
