@@ -126,15 +126,17 @@ def bench_recipe(arch: str, data: ImageDataset, full: bool, epochs: int | None, 
     return recipe if epochs is None else recipe.with_(epochs=epochs)
 
 
+def epoch_runner(arch: str, data: ImageDataset, recipe: Recipe):
+    """A function training one fresh ``arch`` model (built once) for one more epoch over the training pool."""
+    model = build_model(arch, CIFAR_SHAPE, 10, data.mean, data.std, seed=0).to(data.device)
+    one_epoch = recipe.with_(epochs=1)
+    return lambda: train_model(model, data, data.train_pool, one_epoch, progress=False)
+
+
 def time_epochs(arch: str, data: ImageDataset, recipe: Recipe, repeats: int) -> tuple[ReportedRuns, int | None]:
     """Seconds of single training epochs over the whole training pool, after one warm-up epoch; and, on CUDA,
     how often one more epoch made the CPU wait for the GPU (:func:`count_gpu_waits`)."""
-    model = build_model(arch, CIFAR_SHAPE, 10, data.mean, data.std, seed=0).to(data.device)
-    one_epoch = recipe.with_(epochs=1)
-
-    def epoch():
-        return train_model(model, data, data.train_pool, one_epoch, progress=False)
-
+    epoch = epoch_runner(arch, data, recipe)
     with cudnn_autotuning(data.device):
         runs = median_reported(epoch, repeats)
         return runs, count_gpu_waits(epoch) if data.device.type == "cuda" else None
@@ -160,15 +162,14 @@ def cudnn_autotuning(device: torch.device) -> Iterator[None]:
 def profile_epoch(arch: str, data: ImageDataset, recipe: Recipe, rows: int = 30) -> str:
     """A table of the operations that took the most device time (CPU time on a CPU) in one training epoch,
     after a warm-up epoch, from ``torch.profiler``: where an epoch's seconds go, to decide what to speed up."""
-    model = build_model(arch, CIFAR_SHAPE, 10, data.mean, data.std, seed=0).to(data.device)
-    one_epoch = recipe.with_(epochs=1)
+    epoch = epoch_runner(arch, data, recipe)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if data.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with cudnn_autotuning(data.device):
-        train_model(model, data, data.train_pool, one_epoch, progress=False)
+        epoch()
         with torch.profiler.profile(activities=activities) as profiler:
-            train_model(model, data, data.train_pool, one_epoch, progress=False)
+            epoch()
     sort_by = "cuda_time_total" if data.device.type == "cuda" else "cpu_time_total"
     return (f"{arch}, one epoch of {data.n_train_pool} images, batch {recipe.batch_size}, compile={recipe.compile}, "
             f"{data.device.type}\n\n{profiler.key_averages().table(sort_by=sort_by, row_limit=rows)}\n")
