@@ -8,6 +8,7 @@ from unlearnkit.evaluate import (
     attack_auc,
     comparison_table,
     evaluate_model,
+    forward_in_batches,
     js_divergence,
     lira_offline,
     mia_efficacy,
@@ -104,6 +105,27 @@ def test_lira_scores_high_when_the_target_is_more_confident_than_out_shadows():
     assert (lira_offline(target, shadows, shadow_in)[:50] == 0).all()
     with pytest.raises(ValueError, match="OUT shadow"):
         lira_offline(target, shadows, torch.ones(16, 200, dtype=torch.bool))
+
+
+def test_forward_in_batches_evaluates_in_eval_mode_and_restores_the_mode_even_on_error(data, small_split):
+    model = model_for(data, "mlp", seed=0).train()
+    seen_modes = []
+
+    def forward(x):
+        seen_modes.append(model.training)
+        return model(x)
+
+    out = forward_in_batches(model, data, small_split.test[:300], data.num_classes, forward, batch_size=128)
+    assert out.shape == (300, data.num_classes) and out.dtype == torch.float32
+    assert seen_modes == [False, False, False] and model.training
+    assert forward_in_batches(model, data, small_split.test[:0], 7).shape == (0, 7)
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        forward_in_batches(model, data, small_split.test[:10], data.num_classes, broken)
+    assert model.training, "the model was left in eval mode after the forward pass raised"
 
 
 def test_per_class_accuracy_has_one_entry_per_class(data, small_split):

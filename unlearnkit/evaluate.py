@@ -5,7 +5,7 @@ and the one comparison table every lesson uses (columns as in the course's EVALU
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -22,20 +22,33 @@ TABLE_COLUMNS = ("forget acc", "retain acc", "test acc", "MIA", "gap", "JS to re
 
 
 @torch.no_grad()
+def forward_in_batches(model: nn.Module, data: ImageDataset, indices: Tensor, width: int,
+                       forward: Callable[[Tensor], Tensor] | None = None, batch_size: int = 2048) -> Tensor:
+    """``forward(x)`` (by default ``model(x)``) in float32 for ``data[indices]``: eval mode, batched, on the data's
+    device, under the device's autocast policy. ``width`` is the output's width, the shape of an empty answer.
+
+    The model's train/eval mode is restored afterwards, also when ``forward`` raises.
+    """
+    forward = model if forward is None else forward
+    was_training = model.training
+    model.eval()
+    indices = torch.as_tensor(indices).to(data.device)
+    out = []
+    try:
+        with autocast(data.device):
+            for start in range(0, len(indices), batch_size):
+                out.append(forward(data.images[indices[start:start + batch_size]]).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, width, device=data.device)
+
+
 def predict_logits(model: nn.Module, data: ImageDataset, indices: Tensor, batch_size: int = 2048) -> Tensor:
     """Float32 logits of ``model`` on ``data[indices]`` (eval mode, batched, on the data's device).
 
     The model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    indices = torch.as_tensor(indices).to(data.device)
-    out = []
-    with autocast(data.device):
-        for start in range(0, len(indices), batch_size):
-            out.append(model(data.images[indices[start:start + batch_size]]).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, data.num_classes, device=data.device)
+    return forward_in_batches(model, data, indices, data.num_classes, batch_size=batch_size)
 
 
 def accuracy(model: nn.Module, data: ImageDataset, indices: Tensor) -> float:

@@ -15,23 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .data import ImageDataset
+from .evaluate import forward_in_batches
 from .models import head_of
-from .train import autocast
 
 
-@torch.no_grad()
 def head_inputs(model: nn.Module, data: ImageDataset, indices: Tensor, batch_size: int = 2048) -> Tensor:
     """The features the head sees (``model.features(x)``) for ``data[indices]``, in float32, eval mode."""
-    head = head_of(model)
-    was_training = model.training
-    model.eval()
-    indices = torch.as_tensor(indices).to(data.device)
-    out = []
-    with autocast(data.device):
-        for start in range(0, len(indices), batch_size):
-            out.append(model.features(data.images[indices[start:start + batch_size]]).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, head.in_features, device=data.device)
+    return forward_in_batches(model, data, indices, head_of(model).in_features, model.features, batch_size)
 
 
 def flat_head_params(head: nn.Linear) -> Tensor:
