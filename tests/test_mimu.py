@@ -51,6 +51,10 @@ def test_batched_propagation_equals_gcnconv():
     ours = graph.propagate(conv.lin(h)) + conv.bias
     reference = torch.stack([conv(h[b], graph.data.edge_index) for b in range(3)])
     torch.testing.assert_close(ours, reference)
+    # the stored normalised adjacency is what the kit's control unit uses: GCNConv(normalize=False) on it agrees
+    prenormalised = GCNConv(4, 6, normalize=False)
+    prenormalised.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(prenormalised(h[0], graph.norm_edge_index, graph.norm_edge_weight), reference[0])
 
 
 def test_node_features_and_gradients(setting):

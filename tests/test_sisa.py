@@ -56,6 +56,7 @@ def test_forget_is_exact_and_leaves_other_shards_alone(data, tiny):
     ensemble = train(data, tiny)
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in ensemble.constituents]
     target = int(ensemble.slices[1][1][0])
+    assert ensemble.shard_of(target) == (1, 1)
     report = ensemble.forget(target)
     assert report.shards_touched == [1] and report.restart_slice == {1: 1}
     for s, model in enumerate(ensemble.constituents):
@@ -99,6 +100,8 @@ def test_bad_requests_are_refused_clearly(data, tiny):
     ensemble.forget(target)
     with pytest.raises(ValueError, match="already forgotten"):
         ensemble.forget(target)
+    with pytest.raises(ValueError, match="not in the ensemble's training set"):
+        ensemble.shard_of(target)
     with pytest.raises(ValueError, match="never in the ensemble's training set"):
         ensemble.forget(int(split.test[0]))
     with pytest.raises(ValueError, match="empty"):
