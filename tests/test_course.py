@@ -98,6 +98,18 @@ def test_a_hung_cell_is_run_again_in_a_fresh_kernel_and_reported(tmp_path, monke
     assert calls[-1] == course.CELL_TIMEOUT["full"]
 
 
+def test_a_widget_cell_gets_a_short_timeout_in_either_mode(tmp_path, monkeypatch):
+    from unlearnkit import course
+
+    assert course._cell_timeout("x = 1", 4 * 3600) == 4 * 3600
+    assert course._cell_timeout("interact(show, S=slider)", 4 * 3600) == course.WIDGET_CELL_TIMEOUT
+    assert course._cell_timeout("widgets.interact(show)", 10) == 10
+    monkeypatch.setattr(course, "WIDGET_CELL_TIMEOUT", 2)
+    _notebook(tmp_path / "00_widget.ipynb", "x = 1", "import time\ntime.sleep(60)\ninteract(print)")
+    run = course.execute_notebook(tmp_path / "00_widget.ipynb", tmp_path / "out", {"QUICK": False}, html=False)
+    assert not run.ok and len(run.hangs) == 2 and run.seconds < 30, (run.hangs, run.seconds)
+
+
 def test_html_rendering_finds_the_base_pythons_templates_from_a_system_site_packages_venv(tmp_path, monkeypatch):
     base, venv = tmp_path / "base", tmp_path / "venv"
     (base / "share" / "jupyter").mkdir(parents=True)

@@ -22,6 +22,10 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 #: Seconds a cell may run: a quick-mode lesson runs in about 90 s in all, so a quick cell that takes
 #: minutes has hung; a full-mode cell on a GPU can legitimately train for an hour.
 CELL_TIMEOUT = {"quick": 300, "full": 4 * 3600}
+#: Seconds a widget cell (one that calls ``interact(``) may take, in either mode. Such a cell only builds a
+#: slider over results computed before it, so a minute is ample, and it bounds the stall of jupyter/nbclient#312,
+#: where the reply to a widget cell is sometimes read only when the cell's timeout runs out.
+WIDGET_CELL_TIMEOUT = 60
 
 
 @dataclass
@@ -63,7 +67,9 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict, *, html: bool 
     ``cell_timeout`` seconds (default :data:`CELL_TIMEOUT` for the mode), or a kernel that dies, is
     different: headless execution of ipywidgets cells occasionally never returns (jupyter/nbclient#312,
     jupyter/nbconvert#1921; seen here about once in sixty runs), so the notebook is run again in a
-    fresh kernel, up to ``attempts`` times in all, and the run records each hang in ``hangs``.
+    fresh kernel, up to ``attempts`` times in all, and the run records each hang in ``hangs``. The same
+    bug sometimes only delays a widget cell's reply until its timeout, which is why widget cells get
+    :data:`WIDGET_CELL_TIMEOUT` rather than the mode's (up to four hours in full mode).
     """
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
@@ -95,7 +101,8 @@ def _papermill(path: Path, executed: Path, parameters: dict, cell_timeout: int) 
 
     try:
         papermill.execute_notebook(str(path), str(executed), parameters=parameters, kernel_name="python3",
-                                   progress_bar=False, cwd=str(path.parent), execution_timeout=cell_timeout)
+                                   progress_bar=False, cwd=str(path.parent), execution_timeout=cell_timeout,
+                                   timeout_func=lambda cell: _cell_timeout(cell.source, cell_timeout))
     except PapermillExecutionError as exc:
         # papermill's 0-based index counts its injected-parameters cell, which follows the lesson's
         # parameters cell; past that point it equals the 1-based position in the lesson as the learner
@@ -103,6 +110,11 @@ def _papermill(path: Path, executed: Path, parameters: dict, cell_timeout: int) 
         first_line = next((line for line in exc.source.splitlines() if line.strip()), "")
         return exc.cell_index, f"{exc.ename}: {exc.evalue.strip()[:500]} (cell starting `{first_line[:80]}`)"
     return None, None
+
+
+def _cell_timeout(source: str, cell_timeout: int) -> int:
+    """The seconds one cell may take: :data:`WIDGET_CELL_TIMEOUT` at most for a widget cell."""
+    return min(cell_timeout, WIDGET_CELL_TIMEOUT) if "interact(" in source else cell_timeout
 
 
 def _describe_hang(exc: Exception) -> str:
