@@ -41,7 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from unlearnkit.benchmarking import ReportedRuns, median_reported, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    ReportedRuns,
+    benchmark_parser,
+    median_reported,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.data import ImageDataset, Split, load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy
@@ -288,13 +296,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=None, results=RESULTS,
+                              repeats_help="timed epochs after the warm-up (default 3 on CUDA, 1 elsewhere)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--n-train", type=int, help="random training images (default 50,000 on CUDA, 256 elsewhere; "
                         "--real uses all of CIFAR-10)")
-    parser.add_argument("--repeats", type=int, help="timed epochs after the warm-up (default 3 on CUDA, 1 elsewhere)")
     parser.add_argument("--epochs", type=int, help="epochs of the oracle (default: the recipe's; 1 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized run on any device")
@@ -308,9 +315,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=UNLEARNING_METHODS, choices=UNLEARNING_METHODS,
                         metavar="METHOD", help="unlearning methods to time on the oracle's split (default: "
                         f"{' '.join(UNLEARNING_METHODS)}; none: --methods)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser, argv)
 
     device = get_device(args.device)
     header = record_header("cifar", device)

@@ -16,12 +16,16 @@ small CNN (``--dataset fashion-mnist`` needs the torchvision files; see ``load_d
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
-
-from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_reported,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy, comparison_table
 from unlearnkit.lesson import standard_setting
@@ -33,21 +37,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
     parser.add_argument("--full", action="store_true", help="full-size data and the full-mode architecture")
     parser.add_argument("--dataset", default="embedded")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
 
     device = get_device(args.device)
     header = record_header("gradient", device)

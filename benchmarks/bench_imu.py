@@ -11,7 +11,6 @@ end in the same damped-diagonal-Fisher formula; the script checks they agree, th
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from unlearnkit.benchmarking import median_seconds, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_seconds,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.data import load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.head import head_inputs, per_sample_head_grads
@@ -71,17 +77,9 @@ def kit_scores(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tens
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto")
+    parser = benchmark_parser(__doc__, repeats=5, results=RESULTS)
     parser.add_argument("--n", type=int, default=5000, help="forget samples")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
 
     device = get_device(args.device)
     header = record_header("imu", device)

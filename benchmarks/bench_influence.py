@@ -6,20 +6,26 @@
    conjugate gradient and LiSSA, with the residual each one reaches (one timed run after a warm-up).
 
     python benchmarks/bench_influence.py [--device auto] [--repeats 3] [--full] [--dataset embedded]
-        [--results benchmarks/results]
+        [--threads N] [--results benchmarks/results]
 
 Writes ``influence_<device type>.json`` and ``.md`` to ``--results`` (medians after a warm-up).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from unlearnkit.benchmarking import median_seconds, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_seconds,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.device import get_device
 from unlearnkit.head import flat_head_params, head_hessian, head_inputs, per_sample_head_grads
 from unlearnkit.lesson import standard_setting
@@ -28,15 +34,11 @@ from unlearnkit.methods import influence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
     parser.add_argument("--full", action="store_true", help="full-size data and model instead of quick mode")
     parser.add_argument("--dataset", default="embedded", help="embedded (default), fashion-mnist, mnist")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser, argv)
     device = get_device(args.device)
     header = record_header("influence", device)
     setting = standard_setting(args.dataset, device, not args.full, 0, forget=0.1, progress=False)

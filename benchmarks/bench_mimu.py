@@ -1,6 +1,7 @@
 """Seconds per MIMU forget request (after the control unit is trained) vs a retrain.
 
-    python benchmarks/bench_mimu.py [--device auto] [--repeats 5] [--seed 0] [--results benchmarks/results]
+    python benchmarks/bench_mimu.py [--device auto] [--repeats 5] [--seed 0] [--threads N]
+                                    [--results benchmarks/results]
 
 Measures, in one run on one device: the retrain oracle trained from scratch (no cache), the
 control unit's one-off training, and the median seconds of a forget request (random 10%, random
@@ -11,12 +12,18 @@ and with them computed inside the request. Writes ``mimu_<device type>.json`` an
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_reported,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.data import class_split, load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES
@@ -27,15 +34,11 @@ from unlearnkit.train import default_recipe, fit
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=5, results=RESULTS)
     parser.add_argument("--dataset", default="embedded")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser, argv)
     device = get_device(args.device)
     header = record_header("mimu", device)
     data = load_dataset(args.dataset, device)

@@ -1,7 +1,8 @@
 """SISA timings: one deletion vs a full retrain for several shards S and slices R, and the constituents
 trained one after another vs all at once with torch.func (vmap).
 
-    python benchmarks/bench_sisa.py [--device auto|cpu|cuda] [--repeats 3] [--full] [--results benchmarks/results]
+    python benchmarks/bench_sisa.py [--device auto|cpu|cuda] [--repeats 3] [--full] [--threads N]
+                                    [--results benchmarks/results]
 
 Writes ``sisa_<device type>.json`` and ``.md`` to ``--results``. Medians over ``--repeats`` runs
 after one warm-up run. A deletion with S = R = 1 *is* a full retrain of one model (minus the sample),
@@ -11,7 +12,6 @@ the vmap comparison also records process CPU seconds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_reported,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.device import get_device
 from unlearnkit.evaluate import accuracy
 from unlearnkit.lesson import Setting, standard_setting
@@ -84,14 +91,10 @@ def vmap_vs_sequential(setting: Setting, shards: list[int], repeats: int) -> lis
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
     parser.add_argument("--full", action="store_true", help="full-size data (default: quick mode)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser, argv)
     device = get_device(args.device)
     header = record_header("sisa", device)
     setting = standard_setting("embedded" if not args.full else "fashion-mnist", device, not args.full, 0,

@@ -1,7 +1,7 @@
 """Seconds to train the original model and the retrain oracle, in quick and full mode, on this device.
 
     python benchmarks/bench_training.py [--mode quick|full|both] [--dataset embedded] [--repeats 3] [--device auto]
-                                        [--results benchmarks/results]
+                                        [--threads N] [--results benchmarks/results]
 
 Writes ``training_<device type>.json`` (device, versions, sizes, every run and the median after one
 warm-up run) and a Markdown table beside it to ``--results``. Models are trained without the cache.
@@ -9,12 +9,18 @@ warm-up run) and a Markdown table beside it to ``--results``. Models are trained
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from unlearnkit.benchmarking import median_reported, record_header, run_summary, write_results
+from unlearnkit.benchmarking import (
+    benchmark_parser,
+    median_reported,
+    parse_benchmark_args,
+    record_header,
+    run_summary,
+    write_results,
+)
 from unlearnkit.data import load_dataset, random_split
 from unlearnkit.device import get_device
 from unlearnkit.lesson import QUICK_SIZES, default_arch
@@ -39,15 +45,11 @@ def time_mode(dataset: str, device: torch.device, quick: bool, repeats: int) -> 
     return record
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
     parser.add_argument("--mode", choices=("quick", "full", "both"), default="quick")
     parser.add_argument("--dataset", default="embedded")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and Markdown "
-                        "(default: benchmarks/results)")
-    args = parser.parse_args()
+    args = parse_benchmark_args(parser, argv)
 
     device = get_device(args.device)
     header = record_header("training", device)

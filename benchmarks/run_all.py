@@ -1,7 +1,7 @@
 """Run every benchmark script in turn on one device, e.g. in a session that has a GPU for a limited time.
 
     python benchmarks/run_all.py [--device auto] [--results benchmarks/results] [--only cifar sisa]
-                                 [--archive results.tar.gz]
+                                 [--threads N] [--archive results.tar.gz]
 
 Each script runs with its default sizes; the runner prints which one runs and its wall time, and
 carries on past a script that fails. The exit code is 1 if any failed. ``--only`` picks scripts by
@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for every script's JSON and Markdown (default: benchmarks/results)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these scripts only (e.g. cifar sisa)")
     parser.add_argument("--archive", type=Path, help="after each script, pack the results folder into this .tar.gz")
+    parser.add_argument("--threads", type=int, help="passed to every script: torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     scripts = select_scripts(args.only)
     options = ["--device", args.device, "--results", str(args.results)]
+    if args.threads is not None:
+        options += ["--threads", str(args.threads)]
     after_each = (lambda: archive_results(args.results, args.archive)) if args.archive else None
     failed = run_scripts(scripts, options, after_each)
     print(f"failed: {', '.join(failed)}" if failed else "all benchmarks ran")

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from unlearnkit.benchmarking import (
+    benchmark_parser,
     describe_device,
     median_reported,
     median_seconds,
+    parse_benchmark_args,
     record_header,
     run_summary,
     write_results,
@@ -129,3 +131,36 @@ def test_the_runner_picks_scripts_by_name_and_archives_the_results(tmp_path, ben
         assert sorted(tar.getnames()) == ["demo_cpu.json", "demo_cpu.md"]
         assert tar.extractfile("demo_cpu.md").read() == b"# demo\n"
     assert [p.name for p in archive.parent.iterdir()] == ["results.tar.gz"]
+
+
+def test_the_shared_options_parse_refuse_counts_below_one_and_set_the_threads(tmp_path, capsys):
+    parser = benchmark_parser("Demo benchmark.\n\n    python bench_demo.py", repeats=3, results=tmp_path)
+    args = parse_benchmark_args(parser, [])
+    assert (args.device, args.repeats, args.threads, args.results) == ("auto", 3, None, tmp_path)
+    for option in ("--repeats", "--threads"):
+        with pytest.raises(SystemExit):
+            parse_benchmark_args(parser, [option, "0"])
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+    threads = torch.get_num_threads()
+    try:
+        assert parse_benchmark_args(parser, ["--threads", "1"]).threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    parser.print_help()
+    assert "python bench_demo.py" in capsys.readouterr().out  # the usage lines of the docstring, as written
+
+
+@pytest.mark.parametrize("name", ["cifar", "gradient", "imu", "influence", "mimu", "sisa", "training"])
+def test_every_benchmark_script_takes_the_shared_options(name, benchmark_script, capsys):
+    script = benchmark_script(f"bench_{name}")
+    with pytest.raises(SystemExit):
+        script.main(["--threads", "0"])  # refused while parsing, before anything is loaded or timed
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_the_runner_passes_the_thread_count_on(tmp_path, benchmark_script, monkeypatch):
+    run_all = benchmark_script("run_all")
+    seen = []
+    monkeypatch.setattr(run_all, "run_scripts", lambda scripts, options, after_each: seen.append(options) or [])
+    assert run_all.main(["--only", "imu", "--threads", "1", "--results", str(tmp_path)]) == 0
+    assert seen == [["--device", "auto", "--results", str(tmp_path), "--threads", "1"]]

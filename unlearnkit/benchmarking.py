@@ -1,8 +1,12 @@
 """Recording benchmark runs: timing helpers, the header every record starts with, and the files it goes to.
 
 The scripts in the repository's ``benchmarks/`` use these, so that every record names its machine,
-versions and date the same way and every median is taken the same way (one warm-up call first)::
+versions and date the same way, every median is taken the same way (one warm-up call first) and
+every script takes the same ``--device``, ``--repeats``, ``--threads`` and ``--results`` options::
 
+    parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
+    args = parse_benchmark_args(parser, argv)
+    ...
     record = record_header("gradient", device) | {"rows": rows}
     markdown = f"# Gradient methods\n\n{run_summary(record)}\n\n{table}"
     write_results(record, markdown, "gradient", device, results_dir)
@@ -10,6 +14,7 @@ versions and date the same way and every median is taken the same way (one warm-
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -33,6 +38,40 @@ class ReportsSeconds(Protocol):
 
 
 Result = TypeVar("Result", bound="float | ReportsSeconds")
+
+
+def benchmark_parser(doc: str, repeats: int | None, results: Path,
+                     repeats_help: str = "timed runs after the warm-up") -> argparse.ArgumentParser:
+    """A parser with the options every benchmark script shares; the script adds its own.
+
+    Args:
+        doc: the script's docstring: its first paragraph is the description, and the rest (its
+            usage lines) is shown by ``--help`` as written.
+        repeats: the default of ``--repeats`` (``None`` when the script picks one per device).
+        results: the default folder of the JSON and Markdown (``--results``).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    default = f" (default {repeats})" if repeats is not None else ""
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help + default)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine")
+    parser.add_argument("--results", type=Path, default=results,
+                        help=f"folder for the JSON and Markdown (default: {results})")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (the command line when ``None``), refuse a ``--repeats`` or ``--threads`` below 1,
+    and apply ``--threads`` before anything is timed."""
+    args = parser.parse_args(argv)
+    for option in ("repeats", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option} must be at least 1, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def describe_device(device: torch.device) -> str:
