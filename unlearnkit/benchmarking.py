@@ -45,8 +45,8 @@ def benchmark_parser(doc: str, repeats: int | None, results: Path,
     """A parser with the options every benchmark script shares; the script adds its own.
 
     Args:
-        doc: the script's docstring: its first paragraph is the description, and the rest (its
-            usage lines) is shown by ``--help`` as written.
+        doc: the script's docstring, shown whole by ``--help`` with its line breaks kept, so that
+            its usage lines read as written.
         repeats: the default of ``--repeats`` (``None`` when the script picks one per device).
         results: the default folder of the JSON and Markdown (``--results``).
     """
