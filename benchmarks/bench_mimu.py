@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(args.seed)
         reference = split.retain[torch.randperm(len(split.retain), generator=generator)[:500]]
         with Stopwatch(device) as bank_watch:
-            bank = controller.masks(data, reference)
+            bank = controller.bank(data, reference)
         with_bank = median_reported(lambda s=split, b=bank: mimu.mimu(original, data, s, controller=controller,
-                                                                      reference_masks=b, seed=args.seed),
+                                                                      reference_bank=b, seed=args.seed),
                                     args.repeats).median
         without_bank = median_reported(lambda s=split: mimu.mimu(original, data, s, controller=controller,
                                                                  seed=args.seed), args.repeats).median

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GCNConv
 
-from unlearnkit.data import class_split, load_dataset, random_split
+from unlearnkit.data import class_split, load_dataset, random_split, request_sequence
 from unlearnkit.methods import mimu as M
 from unlearnkit.methods.base import METHODS
 from unlearnkit.models import head_of, model_for
@@ -157,11 +157,12 @@ def test_requests_compose_revoke_one_by_one_without_drift(setting, controller):
     original = model(data.images[split.test])
     masked = model
     requests = []
-    bank = controller.masks(data, split.retain[:50])
-    for t in range(20):
-        sub = random_split(data, 5, seed=t, n_train=1500, n_test=300)  # same train set, 5 samples each
-        result = M.mimu(masked, data, sub, controller=controller, threshold=0.5, chunk=4, budget=0.05,
-                        reference_masks=bank, seed=t)
+    bank = controller.bank(data, split.retain[:50])
+    sequence = request_sequence(data, 20, 5, seed=0, n_train=1500, n_test=300)
+    assert torch.equal(sequence[0].train, split.train)  # the model's training set, 5 more samples forgotten each time
+    for t, request in enumerate(sequence):
+        result = M.mimu(masked, data, request, controller=controller, threshold=0.5, chunk=4, budget=0.05,
+                        reference_bank=bank.without(request.forget), seed=t)
         masked = result.model
         requests.append(result.details["request"])
     assert len(masked.requests) == 20
@@ -175,6 +176,29 @@ def test_requests_compose_revoke_one_by_one_without_drift(setting, controller):
     assert torch.equal(masked(data.images[split.test]), last(data.images[split.test]))
     masked.revoke(requests[-1])
     assert torch.equal(masked(data.images[split.test]), original)
+
+
+def test_a_reference_bank_holds_retained_samples_of_the_requests_ranking(setting, controller):
+    data, split, model = setting
+    bank = controller.bank(data, torch.cat([split.forget[:3], split.retain[:7]]))
+    assert torch.equal(bank.masks, controller.masks(data, bank.indices)) and bank.ranking == "learned"
+    kept = bank.without(split.forget)
+    assert len(kept) == 7 and torch.equal(kept.masks, bank.masks[3:])
+    with pytest.raises(ValueError, match="3 of the reference bank's 10 samples are not in split.retain"):
+        M.mimu(model, data, split, controller=controller, reference_bank=bank)
+    with pytest.raises(ValueError, match="'learned' masks but ranking='saliency'"):
+        M.mimu(model, data, split, controller=controller, reference_bank=kept, ranking="saliency")
+    with pytest.raises(ValueError, match="uses no reference masks"):
+        M.mimu(model, data, split, controller=controller, reference_bank=kept, ranking="random")
+    with pytest.raises(ValueError, match="empty"):
+        M.mimu(model, data, split, controller=controller, reference_bank=kept.without(split.retain))
+    with pytest.raises(ValueError, match="one mask row per sample"):
+        M.ReferenceBank(kept.indices, kept.masks[:2], "learned")
+    # the kept bank is what the request uses: the same masks given as a bank or by hand give the same request
+    by_bank = M.mimu(model, data, split, controller=controller, reference_bank=kept, seed=0)
+    order = M.ranking_order(controller, data, split.request, None, "learned", 0, kept.masks)
+    assert torch.equal(by_bank.model.requests[by_bank.details["request"]].nonzero().flatten().sort().values,
+                       order[:by_bank.details["n_off"]].sort().values)
 
 
 def test_class_request_switches_off_few_weights_and_forgets(setting, trained):

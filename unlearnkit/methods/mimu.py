@@ -393,6 +393,39 @@ def mean_field_log_q(logits: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReferenceBank:
+    """Masks of retained samples ("what everyone else needs"), kept between requests so that a
+    request pays only for its own forget masks. Make one with :meth:`Controller.bank`.
+
+    It remembers which samples the masks belong to because a sample that is forgotten must leave
+    the bank (:meth:`without`): its mask would otherwise keep shaping later requests, and would
+    count as "needed by others" the very weights that request should switch off.
+
+    Attributes:
+        indices: dataset indices of the samples.
+        masks: their ``[n, N]`` bool masks, one row per index.
+        ranking: the masks' kind (``"learned"`` or ``"saliency"``); a request must rank the same way.
+    """
+
+    indices: Tensor
+    masks: Tensor
+    ranking: str
+
+    def __post_init__(self):
+        if self.masks.dim() != 2 or len(self.masks) != len(self.indices):
+            raise ValueError(f"a bank needs one mask row per sample: {len(self.indices)} indices, masks of "
+                             f"shape {tuple(self.masks.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def without(self, forgotten: Tensor) -> ReferenceBank:
+        """The bank less the samples in ``forgotten`` (e.g. a split's ``forget``: all forgotten so far)."""
+        kept = ~torch.isin(self.indices, torch.as_tensor(forgotten).to(self.indices.device))
+        return ReferenceBank(self.indices[kept], self.masks[kept], self.ranking)
+
+
 @dataclass
 class Controller:
     """A trained control unit bound to one model's target layers.
@@ -449,6 +482,12 @@ class Controller:
             out.append(topk_mask(scores, self.k).bool())
         return torch.cat(out) if out else torch.zeros(0, self.targets.n_weights, dtype=torch.bool,
                                                       device=data.device)
+
+    def bank(self, data: ImageDataset, indices: Tensor, ranking: str = "learned") -> ReferenceBank:
+        """The masks of retained samples, computed once and kept between requests: see
+        :class:`ReferenceBank`."""
+        indices = torch.as_tensor(indices).to(data.device)
+        return ReferenceBank(indices, self.masks(data, indices, ranking), ranking)
 
     def save(self, path: str | Path) -> None:
         """Save the control unit, its settings and a fingerprint of the target weights (atomic write)."""
@@ -759,10 +798,30 @@ def default_threshold(model: nn.Module, data: ImageDataset, split: Split) -> flo
     return confidences(model, data, split.test).mean().item()
 
 
+def _check_bank(bank: ReferenceBank, split: Split, ranking: str) -> None:
+    """A bank must hold retained samples only, with masks of the ranking the request uses."""
+    if ranking == "random":
+        raise ValueError("ranking='random' uses no reference masks; drop reference_bank")
+    if bank.ranking != ranking:
+        raise ValueError(f"the reference bank holds {bank.ranking!r} masks but ranking={ranking!r}; "
+                         f"make the bank with controller.bank(data, indices, {ranking!r})")
+    if len(bank) == 0:
+        raise ValueError("the reference bank is empty: every sample in it has been forgotten; make a new one "
+                         "from split.retain")
+    indices = bank.indices.cpu()
+    not_retained = ~torch.isin(indices, split.retain.cpu())
+    if not_retained.any():
+        forgotten = int(torch.isin(indices, split.forget.cpu()).sum())
+        raise ValueError(f"{int(not_retained.sum())} of the reference bank's {len(bank)} samples are not in "
+                         f"split.retain ({forgotten} in this request's forget set, the rest forgotten earlier or "
+                         f"never trained on); a bank holds retained samples only: pass "
+                         f"bank.without(forgotten_so_far)")
+
+
 @register("mimu")
 def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Controller | None = None,
          threshold: float | None = None, chunk: int = 8, budget: float = 0.25, ranking: str = "learned",
-         reference_size: int = 500, reference_masks: Tensor | None = None, mask_samples: int | None = 256,
+         reference_size: int = 500, reference_bank: ReferenceBank | None = None, mask_samples: int | None = 256,
          seed: int = 0, progress: bool = True, **train_options: Any) -> UnlearningResult:
     """Forget ``split.request`` by switching off the target weights its samples rely on exclusively.
 
@@ -778,8 +837,9 @@ def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Cont
         budget: at most this share of target weights is switched off.
         ranking: ``"learned"`` (MIMU), ``"saliency"`` or ``"random"`` (the baselines).
         reference_size: retain samples whose masks stand for "what everyone else needs".
-        reference_masks: precomputed reference masks (a service keeps them between requests;
-            then their cost is not in ``seconds``), e.g. ``controller.masks(data, retain_sample)``.
+        reference_bank: precomputed reference masks (a service keeps them between requests; then
+            their cost is not in ``seconds``), e.g. ``controller.bank(data, retain_sample)``. Its
+            samples must all be retained: drop forgotten ones with ``bank.without(split.forget)``.
         mask_samples: forget samples whose masks estimate the exclusivity (``None`` = all); the
             confidence target is always checked on every forget sample.
 
@@ -802,13 +862,16 @@ def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Cont
         raise TypeError(f"training options {sorted(train_options)} given with a trained controller; drop them")
     if controller.model is not base:
         raise ValueError("the controller was trained for another model; train or load one for this model")
+    if reference_bank is not None:
+        _check_bank(reference_bank, split, ranking)
     threshold = default_threshold(base, data, split) if threshold is None else threshold
     generator = torch.Generator().manual_seed(seed)
     reference = split.retain[torch.randperm(len(split.retain), generator=generator)[:reference_size]]
     request = split.request.to(data.device)
     masked = previous.copy() if previous is not None else MaskedModel(base, controller.targets)
     with Stopwatch(data.device) as watch:
-        order = ranking_order(controller, data, request, reference, ranking, seed, reference_masks, mask_samples)
+        order = ranking_order(controller, data, request, reference, ranking, seed,
+                              None if reference_bank is None else reference_bank.masks, mask_samples)
         inputs = prefix_inputs(base, controller.targets, data, request)
         plan = plan_forgetting(base, controller.targets, inputs, data.labels[request], order, threshold,
                                chunk=chunk, budget=budget, keep=masked.keep())
@@ -819,7 +882,7 @@ def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Cont
     return UnlearningResult(masked, watch.seconds, "mimu", details)
 
 
-__all__ = ["Controller", "ControlUnit", "ForgetPlan", "MaskedModel", "ParameterGraph", "Targets",
+__all__ = ["Controller", "ControlUnit", "ForgetPlan", "MaskedModel", "ParameterGraph", "ReferenceBank", "Targets",
            "build_parameter_graph", "default_threshold", "exclusivity", "find_targets", "gumbel_topk",
            "importance_prior", "load_controller", "mean_field_log_q", "mimu", "model_fingerprint",
            "node_features", "overlap_scores", "per_sample_masked_logits", "plan_forgetting", "prefix_inputs",
