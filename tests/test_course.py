@@ -1,5 +1,6 @@
 """The course runner, and the conventions every committed lesson keeps."""
 
+import ast
 import json
 import os
 import sys
@@ -7,7 +8,7 @@ import sys
 import nbformat
 from papermill.translators import PythonTranslator
 
-from unlearnkit import REPOSITORY_URL
+from unlearnkit import REPOSITORY_URL, course
 from unlearnkit.course import _see_base_jupyter_data, lesson_notebooks, main
 from unlearnkit.data import REPO_ROOT
 
@@ -62,6 +63,22 @@ def test_every_lesson_keeps_the_conventions():
         assert "<details>" in text, f"{path.name}: exercises need revealable solutions"
 
 
+def test_a_lessons_widget_cells_only_draw():
+    """A widget cell gets a minute in either mode (WIDGET_CELL_TIMEOUT), so the work behind a widget belongs in the
+    cells before it: lesson 03's grid of 24 GA runs, computed in its widget cell, took longer than that in full
+    mode on a CPU and failed the lesson there (quick mode's runs were fast enough to hide it)."""
+    allowed = (ast.FunctionDef, ast.Import, ast.ImportFrom)
+    for path in lesson_notebooks():
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code" or not course._cell_timeout(cell.source, 10**6) < 10**6:
+                continue
+            for statement in ast.parse(cell.source).body:
+                is_interact = (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
+                               and ast.unparse(statement.value.func).split(".")[-1] == "interact")
+                assert isinstance(statement, allowed) or is_interact, (
+                    f"{path.name}: a widget cell computes `{ast.unparse(statement)[:60]}`; move it to the cell before")
+
+
 def test_readme_links_every_lesson_to_colab_at_the_one_repository_url():
     readme = (REPO_ROOT / "README.md").read_text()
     for path in lesson_notebooks():
@@ -72,7 +89,6 @@ def test_readme_links_every_lesson_to_colab_at_the_one_repository_url():
 def test_a_hung_cell_is_run_again_in_a_fresh_kernel_and_reported(tmp_path, monkeypatch):
     from nbclient.exceptions import CellTimeoutError
 
-    from unlearnkit import course
 
     _notebook(tmp_path / "00_sleeps.ipynb", "x = 1", "import time\ntime.sleep(60)")
     run = course.execute_notebook(tmp_path / "00_sleeps.ipynb", tmp_path / "out", {"QUICK": True}, html=False,
@@ -99,7 +115,6 @@ def test_a_hung_cell_is_run_again_in_a_fresh_kernel_and_reported(tmp_path, monke
 
 
 def test_a_widget_cell_gets_a_short_timeout_in_either_mode(tmp_path, monkeypatch):
-    from unlearnkit import course
 
     assert course._cell_timeout("x = 1", 4 * 3600) == 4 * 3600
     assert course._cell_timeout("interact(show, S=slider)", 4 * 3600) == course.WIDGET_CELL_TIMEOUT

@@ -23,8 +23,9 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 #: minutes has hung; a full-mode cell on a GPU can legitimately train for an hour.
 CELL_TIMEOUT = {"quick": 300, "full": 4 * 3600}
 #: Seconds a widget cell (one that calls ``interact(``) may take, in either mode. Such a cell only builds a
-#: slider over results computed before it, so a minute is ample, and it bounds the stall of jupyter/nbclient#312,
-#: where the reply to a widget cell is sometimes read only when the cell's timeout runs out.
+#: slider over results computed in the cells before it (a test holds every lesson to that), so a minute is
+#: ample, and it bounds the stall of jupyter/nbclient#312, where the reply to a widget cell is sometimes read
+#: only when the cell's timeout runs out.
 WIDGET_CELL_TIMEOUT = 60
 
 
