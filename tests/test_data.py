@@ -1,12 +1,21 @@
 import os
 import pickle
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from unlearnkit.data import DatasetNotFoundError, class_split, load_dataset, make_split, random_split, request_sequence
+from unlearnkit.data import (
+    DatasetNotFoundError,
+    check_split,
+    class_split,
+    load_dataset,
+    make_split,
+    random_split,
+    request_sequence,
+)
 
 
 def test_embedded_dataset_is_balanced_uint8_tensors(data):
@@ -136,3 +145,33 @@ def test_embedded_files_are_uncompressed_idx():
     raw = EMBEDDED_DIR / "FashionMNIST" / "raw"
     header = (raw / "train-images-idx3-ubyte").read_bytes()[:16]
     assert struct.unpack(">HBBIII", header) == (0, 8, 3, 10000, 28, 28)
+
+
+def test_check_split_rejects_hand_built_splits_that_make_no_sense(data):
+    """Methods trust no Split: a hand-built one gets the same checks as make_split's."""
+    good = make_split(data, torch.arange(10), train=torch.arange(100), test=torch.arange(10000, 10050))
+    check_split(data, good)
+    bad = {
+        "test set": replace(good, forget=torch.arange(10000, 10010)),
+        "out of range": replace(good, retain=torch.arange(10, 20001)),
+        "duplicate retain": replace(good, retain=torch.cat([good.retain, good.retain[:1]])),
+        "both forgotten and retained": replace(good, retain=torch.arange(5, 100)),
+        "overlap": replace(good, test=torch.arange(50, 60)),
+        "retain set is empty": replace(good, retain=torch.arange(0)),
+        "request": replace(good, request=torch.tensor([50])),
+        "boolean mask": replace(good, forget=torch.zeros(100, dtype=torch.bool)),
+    }
+    for message, split in bad.items():
+        with pytest.raises(ValueError, match=message):
+            check_split(data, split)
+    with pytest.raises(TypeError, match="Split"):
+        check_split(data, {"forget": torch.arange(3)})
+
+
+def test_make_split_checks_train_and_request_too(data):
+    with pytest.raises(ValueError, match="duplicate train"):
+        make_split(data, [1], train=[1, 2, 2, 3])
+    with pytest.raises(ValueError, match="request"):
+        make_split(data, [1, 2], train=torch.arange(10), request=[1, 9])
+    with pytest.raises(TypeError, match="class index"):
+        class_split(data, 3.0)

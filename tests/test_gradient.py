@@ -126,3 +126,11 @@ def test_bad_beta_and_bad_arguments(data, small_split, model):
 def test_defaults_follow_the_architecture(model):
     assert default_hyper("ga", model) == default_hyper("ga", torch.nn.Linear(2, 2))  # unknown arch: the MLP's
     assert default_hyper("neggrad+", model)["beta"] < 1
+
+
+def test_without_a_target_the_trace_is_recorded_but_not_timed(data, small_split, model):
+    """The trace only feeds plots when nothing stops on it, so its evaluations are not the method's time."""
+    result = gradient_ascent(model, data, small_split, epochs=3)
+    assert len(result.details["trace"]) == 4 and result.details["trace_seconds"] > 0
+    stopped = gradient_ascent(model, data, small_split, epochs=3, target_forget_acc=0.0)
+    assert stopped.details["trace_seconds"] == 0.0  # with a target the checks are part of the method

@@ -6,8 +6,9 @@ from unlearnkit.head import flat_head_params, head_hessian, head_inputs, per_sam
 from unlearnkit.models import model_for
 
 
-def _head_loss(theta, features, labels, c, d):
-    return F.cross_entropy(features @ theta[: c * d].view(c, d).T + theta[c * d:], labels)
+def _head_loss(theta, features, labels, c, d, label_smoothing=0.0):
+    return F.cross_entropy(features @ theta[: c * d].view(c, d).T + theta[c * d:], labels,
+                           label_smoothing=label_smoothing)
 
 
 @pytest.fixture
@@ -26,6 +27,18 @@ def test_per_sample_head_grads_match_autograd(problem):
     expected = torch.stack([torch.func.grad(_head_loss)(theta, features[i:i + 1], labels[i:i + 1], c, d)
                             for i in range(n)])
     torch.testing.assert_close(per_sample_head_grads(features, head(features).detach(), labels), expected)
+
+
+def test_per_sample_head_grads_with_label_smoothing_match_autograd(problem):
+    """The CIFAR recipes train with label smoothing, so the Newton step must remove that loss's gradients."""
+    features, labels, head, n, d, c = problem
+    theta = flat_head_params(head)
+    expected = torch.stack([torch.func.grad(_head_loss)(theta, features[i:i + 1], labels[i:i + 1], c, d, 0.2)
+                            for i in range(n)])
+    logits = head(features).detach()
+    torch.testing.assert_close(per_sample_head_grads(features, logits, labels, label_smoothing=0.2), expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        per_sample_head_grads(features, logits, labels, label_smoothing=1.0)
 
 
 def test_head_hessian_matches_autograd_with_damping_and_weight_decay(problem):

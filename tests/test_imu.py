@@ -203,3 +203,17 @@ def test_recorded_accuracies_are_those_of_the_returned_model(setting):
         for part in ("forget", "retain", "test"):
             measured = 100 * accuracy(result.model, data, getattr(split, part))
             assert last[f"{part} acc"] == pytest.approx(measured, abs=1e-4), (part, kwargs)
+
+
+def test_imu_rejects_settings_that_would_do_nothing_and_restores_what_was_frozen(setting):
+    data, split, model = setting
+    for bad, message in [({"batch_size": 1}, "batch_size >= 2"), ({"epochs": 0}, "epochs >= 1"),
+                         ({"stop_at": 250.0}, "in %")]:
+        with pytest.raises(ValueError, match=message):
+            imu(model, data, split, **bad)
+    frozen = clone(model)
+    first = next(frozen.backbone.parameters())
+    first.requires_grad_(False)  # a backbone layer the caller froze stays frozen in the result
+    result = imu(frozen, data, split, params="all", epochs=1)
+    flags = [p.requires_grad for p in result.model.parameters()]
+    assert flags == [p.requires_grad for p in frozen.parameters()] and not flags[0]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,3 +42,24 @@ def test_models_built_for_the_data_can_be_retrained(data, small_split):
     model = model_for(data, "mlp", seed=0, hidden=(32,))
     result = unlearn("retrain", model, data, small_split, recipe=RECIPE.with_(epochs=1))
     assert result.model.config["hidden"] == (32,)
+
+
+@pytest.mark.parametrize("name", ["retrain", "sisa", "ga", "neggrad+", "finetune", "random_labels", "newton_head",
+                                  "imu", "mimu"])
+def test_every_method_checks_a_hand_built_split_before_it_starts(data, small_split, name):
+    """A Split is a plain dataclass, so every method checks it: here its forget set is made of test images."""
+    model = model_for(data, "mlp", seed=0)
+    leaked = dataclasses.replace(small_split, forget=small_split.test[:5], request=small_split.test[:5])
+    with pytest.raises(ValueError, match="test set"):
+        unlearn(name, model, data, leaked, **({"recipe": RECIPE} if name in ("retrain", "sisa") else {}))
+
+
+def test_recipes_refuse_settings_that_cannot_train():
+    for bad, message in [({"epochs": 0}, "epochs"), ({"batch_size": 1}, "batch_size"), ({"lr": 0.0}, "learning rate"),
+                         ({"momentum": 1.5}, "momentum"), ({"weight_decay": -1e-4}, "weight decay"),
+                         ({"label_smoothing": 1.0}, "label smoothing"), ({"optimizer": "lbfgs"}, "optimizer"),
+                         ({"schedule": "step"}, "schedule"), ({"augment": "mixup"}, "augment"),
+                         ({"epochs": True}, "epochs")]:
+        with pytest.raises(ValueError, match=message):
+            Recipe(**bad)
+    assert Recipe().with_(epochs=1).epochs == 1

@@ -86,6 +86,10 @@ def test_gumbel_topk_is_hard_forward_and_differentiable():
         M.gumbel_topk(logits, 50)
 
 
+def _with_gradients(model):
+    return [name for name, p in model.named_parameters() if p.grad is not None]
+
+
 def test_likelihood_term_sends_gradient_to_the_control_unit(setting):
     data, split, model = setting
     targets = M.find_targets(model, 1)
@@ -100,7 +104,14 @@ def test_likelihood_term_sends_gradient_to_the_control_unit(setting):
     for name, p in unit.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert sum(p.grad.abs().sum() for p in unit.parameters()) > 0
-    assert model.head.weight.grad is None  # the model's weights are not trained
+    # no gradient reaches the model: not its masked weights, nor the biases the masked layers also use
+    assert not _with_gradients(model), _with_gradients(model)
+
+
+def test_training_a_controller_leaves_the_models_gradients_alone(setting):
+    data, split, model = setting
+    M.train_controller(model, data, split.train, layers=2, steps=2, batch_size=8, hidden=8, progress=False)
+    assert not _with_gradients(model), _with_gradients(model)
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,10 @@ def test_registry_entry_follows_the_calling_convention(data, tiny):
     assert result.details["shards_touched"] == [0, 1, 2]
     table = comparison_table({"retrain": (template, 1.0), "sisa": result}, data, split)
     assert 0 <= table.loc["sisa", "test acc"] <= 100
+    # the result is a copy: a later request to the live ensemble (trained in place here) leaves it as it was
+    returned = copy.deepcopy(result.model.state_dict())
+    ensemble.forget(ensemble.training_indices[:3])
+    assert all(torch.equal(v, returned[k]) for k, v in result.model.state_dict().items())
 
 
 def test_request_cost_predicts_the_report(data, tiny):

@@ -6,7 +6,16 @@ evaluation (:mod:`.evaluate`), figures (:mod:`.plots`) and the unlearning method
 (:mod:`.methods`).
 """
 
-from .data import ImageDataset, Split, class_split, load_dataset, make_split, random_split, request_sequence
+from .data import (
+           ImageDataset,
+           Split,
+           check_split,
+           class_split,
+           load_dataset,
+           make_split,
+           random_split,
+           request_sequence,
+)
 from .device import get_device, seed_everything
 from .evaluate import comparison_table
 from .models import model_for
@@ -17,6 +26,6 @@ __version__ = "0.1.0"
 #: Where the course lives; the README's Colab links and every lesson's Colab cell use this URL.
 REPOSITORY_URL = "https://github.com/unlearnkit/unlearnkit"
 
-__all__ = ["ImageDataset", "Recipe", "Split", "class_split", "comparison_table", "default_recipe", "fit",
+__all__ = ["ImageDataset", "Recipe", "Split", "check_split", "class_split", "comparison_table", "default_recipe", "fit",
            "get_device", "load_dataset", "make_split", "model_for", "random_split", "request_sequence",
            "seed_everything"]

@@ -44,6 +44,7 @@ class NotebookRun:
     hangs: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
+        """One line for the summary: passed in how long with how many checks, or which cell failed."""
         rerun = f"; ran again after: {'; '.join(self.hangs)}" if self.hangs else ""
         if self.ok:
             return f"{self.notebook}: ok in {self.seconds:.0f} s ({self.checks} check cells){rerun}"
@@ -184,6 +185,7 @@ def _write_summary(out_dir: Path, runs: list[NotebookRun], parameters: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``unlearnkit`` command (``unlearnkit course --help``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="unlearnkit", description="The machine-unlearning course's command.")
     commands = parser.add_subparsers(dest="command", required=True)
     course = commands.add_parser("course", help="execute every lesson notebook headless")

@@ -9,6 +9,7 @@ code can answer, and training never goes through a per-sample DataLoader.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +211,11 @@ class Split:
                 f"test={len(self.test)})")
 
 
-def _as_index_tensor(indices, what: str) -> Tensor:
+#: What the kit accepts as indices: a tensor, a NumPy array or a sequence of ints.
+Indices = Tensor | np.ndarray | Sequence[int]
+
+
+def _as_index_tensor(indices: Indices, what: str) -> Tensor:
     tensor = torch.as_tensor(indices).detach().cpu()
     if tensor.dtype == torch.bool:
         raise ValueError(f"{what} must be integer indices, got a boolean mask; use mask.nonzero().flatten()")
@@ -229,8 +234,59 @@ def _subsample(pool: Tensor, n: int | None, generator: torch.Generator, what: st
     return pool.cpu()[torch.randperm(len(pool), generator=generator)[:n]].sort().values
 
 
-def make_split(data: ImageDataset, forget, *, train=None, test=None, description: str = "",
-               request=None) -> Split:
+def _preview(values: Tensor) -> str:
+    return f"{values[:5].tolist()}{' ...' if values.numel() > 5 else ''}"
+
+
+def _duplicates(indices: Tensor) -> Tensor:
+    values, counts = indices.unique(return_counts=True)
+    return values[counts > 1]
+
+
+def check_split(data: ImageDataset, split: Split) -> None:
+    """Check that ``split`` fits ``data``: raise a ``ValueError`` saying what is wrong and how to fix it.
+
+    Every unlearning method calls it first, so a hand-built :class:`Split` gets the same checks as one
+    from :func:`make_split`: integer index tensors, in range, each index once, a non-empty forget set of
+    training images, a non-empty retain set disjoint from it, a test set disjoint from both, and the
+    latest ``request`` inside ``forget``.
+    """
+    if not isinstance(split, Split):
+        raise TypeError(f"split must be an unlearnkit Split (from make_split, random_split or class_split), got "
+                        f"{type(split).__name__}")
+    parts = {name: _as_index_tensor(getattr(split, name), f"split.{name}")
+             for name in ("forget", "retain", "test", "request")}
+    forget, retain, test, request = parts.values()
+    if forget.numel() == 0:
+        raise ValueError("the forget set is empty: give at least one training index to forget")
+    if retain.numel() == 0:
+        raise ValueError("the retain set is empty: the forget set covers the whole training set, so nothing "
+                         "would be left to retain (retraining on nothing is not unlearning, it is deleting the model)")
+    n = len(data)
+    for name, indices in parts.items():
+        bad = indices[(indices < 0) | (indices >= n)]
+        if bad.numel():
+            raise ValueError(f"{name} indices out of range [0, {n}): {_preview(bad)}")
+        repeated = _duplicates(indices)
+        if repeated.numel():
+            raise ValueError(f"duplicate {name} indices: {_preview(repeated)}; give each index once")
+    if torch.isin(forget, retain).any():
+        raise ValueError(f"indices {_preview(forget[torch.isin(forget, retain)])} are both forgotten and retained; "
+                         "retain must be the training set without the forget set")
+    in_test = forget[torch.isin(forget, test) | (forget >= data.n_train_pool)]
+    if in_test.numel():
+        raise ValueError(f"forget indices {_preview(in_test)} belong to the test set, which the model never trained "
+                         f"on; forget indices must be training indices (0 to {data.n_train_pool - 1})")
+    if torch.isin(retain, test).any() or (retain >= data.n_train_pool).any():
+        raise ValueError("train and test indices overlap; a held-out image cannot also be trained on")
+    outside = request[~torch.isin(request, forget)]
+    if request.numel() == 0 or outside.numel():
+        raise ValueError(f"the request must be a non-empty part of the forget set; {_preview(outside)} are not in "
+                         "it (the forget set accumulates every request so far)")
+
+
+def make_split(data: ImageDataset, forget: Indices, *, train: Indices | None = None, test: Indices | None = None,
+               description: str = "", request: Indices | None = None) -> Split:
     """Check a forget set against the data and return the :class:`Split`.
 
     Args:
@@ -242,39 +298,31 @@ def make_split(data: ImageDataset, forget, *, train=None, test=None, description
         request: the newest request inside ``forget`` (sequences); default ``forget``.
 
     Raises:
-        ValueError: with what was wrong and how to fix it.
+        ValueError: with what was wrong and how to fix it (see :func:`check_split`).
     """
-    n = len(data)
     forget = _as_index_tensor(forget, "forget indices")
     train = data.train_pool.cpu() if train is None else _as_index_tensor(train, "train indices")
     test = data.test_pool.cpu() if test is None else _as_index_tensor(test, "test indices")
     if forget.numel() == 0:
         raise ValueError("the forget set is empty: give at least one training index to forget")
-    for what, idx in (("forget", forget), ("train", train), ("test", test)):
-        bad = idx[(idx < 0) | (idx >= n)]
+    for what, indices in (("forget", forget), ("train", train)):
+        bad = indices[(indices < 0) | (indices >= len(data))]
         if bad.numel():
-            raise ValueError(f"{what} indices out of range [0, {n}): {bad[:5].tolist()}"
-                             f"{' ...' if bad.numel() > 5 else ''}")
-    if forget.unique().numel() != forget.numel():
-        values, counts = forget.unique(return_counts=True)
-        raise ValueError(f"duplicate forget indices: {values[counts > 1][:5].tolist()}; give each index once")
+            raise ValueError(f"{what} indices out of range [0, {len(data)}): {_preview(bad)}")
+    repeated = _duplicates(train)
+    if repeated.numel():
+        raise ValueError(f"duplicate train indices: {_preview(repeated)}; give each index once")
     if torch.isin(train, test).any():
         raise ValueError("train and test indices overlap; a held-out image cannot also be trained on")
-    in_test = forget[torch.isin(forget, test) | (forget >= data.n_train_pool)]
-    if in_test.numel():
-        raise ValueError(f"forget indices {in_test[:5].tolist()} belong to the test set, which the model never "
-                         f"trained on; forget indices must be training indices (0 to {data.n_train_pool - 1})")
-    outside = forget[~torch.isin(forget, train)]
+    outside = forget[~torch.isin(forget, train) & ~torch.isin(forget, test) & (forget < data.n_train_pool)]
     if outside.numel():
-        raise ValueError(f"forget indices {outside[:5].tolist()} are not in this split's training set, so there "
+        raise ValueError(f"forget indices {_preview(outside)} are not in this split's training set, so there "
                          "is nothing to forget; pick them from split.train")
     retain = train[~torch.isin(train, forget)]
-    if retain.numel() == 0:
-        raise ValueError("the forget set covers the whole training set; nothing would be left to retain "
-                         "(retraining on nothing is not unlearning, it is deleting the model)")
     request = forget if request is None else _as_index_tensor(request, "request indices")
-    return Split(forget.sort().values, retain.sort().values, test.sort().values, request.sort().values,
-                 description)
+    split = Split(forget.sort().values, retain.sort().values, test.sort().values, request.sort().values, description)
+    check_split(data, split)
+    return split
 
 
 def random_split(data: ImageDataset, forget: int | float = 0.1, *, seed: int = 0, n_train: int | None = None,
@@ -301,6 +349,8 @@ def random_split(data: ImageDataset, forget: int | float = 0.1, *, seed: int = 0
 def class_split(data: ImageDataset, forget_class: int | str, *, seed: int = 0, n_train: int | None = None,
                 n_test: int | None = None) -> Split:
     """Forget every training sample of one class (given by index or name)."""
+    if isinstance(forget_class, bool) or not isinstance(forget_class, (int, str)):
+        raise TypeError(f"forget_class must be a class index (int) or name (str), got {forget_class!r}")
     if isinstance(forget_class, str):
         if forget_class not in data.classes:
             raise ValueError(f"unknown class {forget_class!r}; classes are {list(data.classes)}")

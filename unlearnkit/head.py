@@ -29,13 +29,17 @@ def flat_head_params(head: nn.Linear) -> Tensor:
     return torch.cat([head.weight.detach().flatten(), head.bias.detach()])
 
 
-def per_sample_head_grads(features: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+def per_sample_head_grads(features: Tensor, logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """``[n, C*(d+1)]`` gradients of each sample's cross-entropy w.r.t. the flattened head.
 
-    Closed form ``(p_i - e_{y_i}) [h_i; 1]^T``: one batched outer product, no loop over samples.
+    Closed form ``(p_i - t_i) [h_i; 1]^T``: one batched outer product, no loop over samples. The target
+    ``t_i`` is ``e_{y_i}``, or with label smoothing ε, ``(1 - ε) e_{y_i} + ε/C`` (as in
+    ``F.cross_entropy(..., label_smoothing=ε)``; the Hessian does not depend on the targets).
     """
-    residual = logits.softmax(1)
-    residual[torch.arange(len(labels), device=labels.device), labels] -= 1
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    residual = logits.softmax(1) - label_smoothing / logits.shape[1]
+    residual[torch.arange(len(labels), device=labels.device), labels] -= 1 - label_smoothing
     grad_w = residual[:, :, None] * features[:, None, :]
     return torch.cat([grad_w.flatten(1), residual], dim=1)
 

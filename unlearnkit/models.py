@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 from .data import ImageDataset
 
+#: Per-channel normalisation statistics (mean or standard deviation), one float per channel.
+Stats = tuple[float, ...]
+
 
 class Standardize(nn.Module):
     """Turn uint8 images (or floats in [0, 1]) into per-channel standardised floats."""
@@ -55,7 +58,7 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def mlp(in_shape: tuple[int, int, int], num_classes: int, mean, std, hidden: tuple[int, ...] = (256, 128),
+def mlp(in_shape: tuple[int, int, int], num_classes: int, mean: Stats, std: Stats, hidden: tuple[int, ...] = (256, 128),
         ) -> Classifier:
     """A multilayer perceptron: flatten, then ``Linear-ReLU`` blocks of the ``hidden`` widths."""
     layers: list[nn.Module] = [Standardize(mean, std), nn.Flatten()]
@@ -72,7 +75,7 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
-def small_cnn(in_shape: tuple[int, int, int], num_classes: int, mean, std, width: int = 32) -> Classifier:
+def small_cnn(in_shape: tuple[int, int, int], num_classes: int, mean: Stats, std: Stats, width: int = 32) -> Classifier:
     """A small CNN for 28x28 (or 32x32) images: three conv blocks with pooling, then a hidden layer."""
     backbone = nn.Sequential(
         Standardize(mean, std),
@@ -104,7 +107,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet18(in_shape: tuple[int, int, int], num_classes: int, mean, std, width: int = 64) -> Classifier:
+def resnet18(in_shape: tuple[int, int, int], num_classes: int, mean: Stats, std: Stats, width: int = 64) -> Classifier:
     """ResNet-18 with the CIFAR stem: a 3x3 first convolution, stride 1, and no max-pool."""
     stages, c_in = [], width
     for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
@@ -129,7 +132,7 @@ def _fast_group(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-def fastnet(in_shape: tuple[int, int, int], num_classes: int, mean, std,
+def fastnet(in_shape: tuple[int, int, int], num_classes: int, mean: Stats, std: Stats,
             widths: tuple[int, int, int] = (64, 256, 256)) -> Classifier:
     """A small, fast CIFAR net after Keller Jordan's airbench: the shape that reaches about 94% on
     CIFAR-10 in seconds on one GPU (with airbench's full recipe; see ``default_recipe``).
@@ -189,7 +192,8 @@ def whiten_stem(model: Classifier, images: Tensor, eps: float = 5e-4) -> Classif
 ARCHITECTURES = {"mlp": mlp, "cnn": small_cnn, "resnet18": resnet18, "fastnet": fastnet}
 
 
-def build_model(arch: str, in_shape, num_classes: int, mean, std, seed: int | None = None, **kwargs) -> Classifier:
+def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, mean: Stats, std: Stats,
+                seed: int | None = None, **kwargs) -> Classifier:
     """Build a freshly initialised model; ``seed`` makes the initial weights reproducible."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")

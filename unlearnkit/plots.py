@@ -8,12 +8,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.axes import Axes
 from torch import Tensor
 
 from .data import ImageDataset
 
 
-def _axes(ax):
+def _axes(ax: Axes | None) -> Axes:
     return ax if ax is not None else plt.subplots(figsize=(6, 4))[1]
 
 
@@ -35,8 +36,8 @@ def show_images(data: ImageDataset, indices: Sequence[int] | Tensor, titles: Seq
     return fig
 
 
-def confidence_histograms(groups: Mapping[str, Tensor], ax=None, title: str = "Confidence in the true label",
-                          bins: int = 30):
+def confidence_histograms(groups: Mapping[str, Tensor], ax: Axes | None = None,
+                          title: str = "Confidence in the true label", bins: int = 30) -> Axes:
     """Overlaid histograms (as densities) of p(y|x) for several groups of samples."""
     ax = _axes(ax)
     edges = np.linspace(0, 1, bins + 1)
@@ -49,7 +50,7 @@ def confidence_histograms(groups: Mapping[str, Tensor], ax=None, title: str = "C
 
 
 def split_accuracy_bars(table: pd.DataFrame, columns: Sequence[str] = ("forget acc", "retain acc", "test acc"),
-                        ax=None, title: str = "Accuracy on each split"):
+                        ax: Axes | None = None, title: str = "Accuracy on each split") -> Axes:
     """Grouped bars: one group per model (row of a comparison table), one bar per split."""
     ax = _axes(ax)
     x = np.arange(len(table))
@@ -62,7 +63,8 @@ def split_accuracy_bars(table: pd.DataFrame, columns: Sequence[str] = ("forget a
     return ax
 
 
-def roc_curve(member_scores: Tensor, nonmember_scores: Tensor, ax=None, label: str = "", log: bool = False):
+def roc_curve(member_scores: Tensor, nonmember_scores: Tensor, ax: Axes | None = None, label: str = "",
+              log: bool = False) -> Axes:
     """ROC of a membership attack (true-positive vs false-positive rate over every threshold)."""
     ax = _axes(ax)
     scores = torch.cat([member_scores, nonmember_scores]).double().cpu()
@@ -80,8 +82,9 @@ def roc_curve(member_scores: Tensor, nonmember_scores: Tensor, ax=None, label: s
     return ax
 
 
-def per_class_comparison(accuracy_a: Tensor, accuracy_b: Tensor, classes: Sequence[str], names=("method", "retrain"),
-                         ax=None, title: str = "Per-class test accuracy"):
+def per_class_comparison(accuracy_a: Tensor, accuracy_b: Tensor, classes: Sequence[str],
+                         names: tuple[str, str] = ("method", "retrain"), ax: Axes | None = None,
+                         title: str = "Per-class test accuracy") -> Axes:
     """Side-by-side per-class accuracy of two models (the Unlearning Comparator's class view)."""
     ax = _axes(ax)
     x = np.arange(len(classes))
@@ -93,8 +96,8 @@ def per_class_comparison(accuracy_a: Tensor, accuracy_b: Tensor, classes: Sequen
     return ax
 
 
-def confidence_scatter(method_conf: Tensor, oracle_conf: Tensor, ax=None, name: str = "method",
-                       title: str = "Per-sample confidence on the forget set"):
+def confidence_scatter(method_conf: Tensor, oracle_conf: Tensor, ax: Axes | None = None, name: str = "method",
+                       title: str = "Per-sample confidence on the forget set") -> Axes:
     """Each forget sample's p(y|x) under a method against under the retrain oracle (diagonal = agreement)."""
     ax = _axes(ax)
     ax.scatter(oracle_conf.cpu().numpy(), method_conf.cpu().numpy(), s=6, alpha=0.4)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +58,32 @@ class Recipe:
     label_smoothing: float = 0.0
     augment: str | None = None
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not (integer(self.epochs) and self.epochs >= 1):
+            raise ValueError(f"Recipe(epochs={self.epochs!r}): epochs must be a positive integer")
+        if not (integer(self.batch_size) and self.batch_size >= 2):
+            raise ValueError(f"Recipe(batch_size={self.batch_size!r}): batch_size must be an integer of at least 2 "
+                             "(the loop drops a last batch of one sample, which batch norm cannot train on)")
+        if not (number(self.lr) and self.lr > 0):
+            raise ValueError(f"Recipe(lr={self.lr!r}): the learning rate must be a positive number")
+        if not (number(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"Recipe(momentum={self.momentum!r}): momentum must be in [0, 1)")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"Recipe(weight_decay={self.weight_decay!r}): weight decay must be >= 0")
+        if not (number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"Recipe(label_smoothing={self.label_smoothing!r}): label smoothing must be in [0, 1)")
+        choices = {"optimizer": ("sgd", "adam"), "schedule": ("onecycle", "cosine", "constant"),
+                   "augment": ("flip-crop", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Recipe({name}={getattr(self, name)!r}): use one of {allowed}")
 
     def with_(self, **changes) -> Recipe:
         """A copy with some fields changed: ``recipe.with_(epochs=2)``."""
@@ -123,7 +150,7 @@ def flip_crop(images: Tensor, generator: torch.Generator | None = None, pad: int
     return padded[sample, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def make_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer a recipe names (fused on CUDA, where that is faster)."""
     extra = {"fused": True} if device.type == "cuda" else {}
     if recipe.optimizer == "sgd":
@@ -134,7 +161,8 @@ def make_optimizer(params, recipe: Recipe, device: torch.device) -> torch.optim.
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
 
 
-def make_schedule(optimizer, recipe: Recipe, total_steps: int):
+def make_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning-rate schedule a recipe names, stepped once per optimizer step (``None`` for constant)."""
     if recipe.schedule == "onecycle":
         total_steps = max(total_steps, 1)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
-from ..data import ImageDataset, Split
+from ..data import ImageDataset, Split, check_split
 from ..device import synchronize
 
 
@@ -36,6 +37,8 @@ class UnlearningResult:
 
 
 class UnlearningMethod(Protocol):
+    """What the registry holds: ``method(model, data, split, **hyper) -> UnlearningResult``."""
+
     def __call__(self, model: nn.Module, data: ImageDataset, split: Split, **hyper: Any) -> UnlearningResult: ...
 
 
@@ -66,10 +69,36 @@ def unlearn(name: str, model: nn.Module, data: ImageDataset, split: Split, **hyp
     return get_method(name)(model, data, split, **hyper)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same GPU when the current device is the first one
+    default = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+
+    def index(device: torch.device) -> int:
+        return device.index if device.index is not None else default
+
+    return a.type == b.type and index(a) == index(b)
+
+
+def check_call(model: nn.Module, data: ImageDataset, split: Split) -> None:
+    """The checks every method makes before it starts: the argument types, one device for the model and
+    the data, and the split itself (:func:`unlearnkit.data.check_split`); each error says how to fix it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(data, ImageDataset):
+        raise TypeError(f"data must be an unlearnkit ImageDataset (from load_dataset), got {type(data).__name__}")
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise ValueError("the model has no parameters, so there is nothing to unlearn")
+    if not _same_device(parameter.device, data.device):
+        raise ValueError(f"the model is on {parameter.device} but the data on {data.device}; move one of them, "
+                         "e.g. model.to(data.device)")
+    check_split(data, split)
+
+
 class Stopwatch:
     """Times a block, synchronising the device at both ends: ``with Stopwatch(device) as t: ...; t.seconds``."""
 
-    def __init__(self, device) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self.device = device
         self.seconds = 0.0
 

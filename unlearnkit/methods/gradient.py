@@ -3,14 +3,14 @@
 All four run the same inner loop (:func:`_unlearn_loop`) and differ only in which data they step
 on and what loss they step down:
 
-========================  =====================================  ====================================
-method (registry name)    data per step                          loss minimised
-========================  =====================================  ====================================
-``gradient_ascent`` (ga)  a batch of the forget set D_f           ``-CE(D_f)`` (ascent on the forget loss)
-``neggrad_plus``          a batch of D_r and one of D_f          ``β·CE(D_r) - (1-β)·CE(D_f)``
-``finetune``              a batch of the retain set D_r          ``CE(D_r)``
-``random_labels``         a batch of D_r ∪ D_f                   ``CE`` with D_f's labels made wrong at random
-========================  =====================================  ====================================
+=================================  =============================  =============================================
+method (registry name)             data per step                  loss minimised
+=================================  =============================  =============================================
+``gradient_ascent`` (ga)           a batch of the forget set D_f  ``-CE(D_f)`` (ascent on the forget loss)
+``neggrad_plus`` (neggrad+)        a batch of D_r and one of D_f  ``β·CE(D_r) - (1-β)·CE(D_f)``
+``finetune`` (finetune)            a batch of the retain set D_r  ``CE(D_r)``
+``random_labels`` (random_labels)  a batch of D_r ∪ D_f           ``CE`` with D_f's labels made wrong at random
+=================================  =============================  =============================================
 
 The ascent methods can stop early, as soon as forget accuracy falls to ``target_forget_acc`` (for
 example the retrain oracle's), which is how the course compares methods at the same forgetting
@@ -36,7 +36,7 @@ from ..device import to_device_async
 from ..evaluate import accuracy
 from ..models import clone
 from ..train import Recipe, autocast, batches, grad_scaler, make_optimizer
-from .base import Stopwatch, UnlearningResult, register
+from .base import Stopwatch, UnlearningResult, check_call, register
 
 #: Defaults per method and architecture (``config["arch"]`` of the model). The MLP values were
 #: chosen on the quick-mode setting (embedded Fashion-MNIST, 10% random forget set) so that each
@@ -84,28 +84,14 @@ def default_hyper(method: str, model: nn.Module) -> dict[str, Any]:
 StepLoss = Callable[[nn.Module, ImageDataset, Tensor, "Tensor | None"], Tensor]
 
 
-def _check_types(model: nn.Module, data: ImageDataset, split: Split) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if not isinstance(data, ImageDataset):
-        raise TypeError(f"data must be an unlearnkit ImageDataset (from load_dataset), got {type(data).__name__}")
-    if not isinstance(split, Split):
-        raise TypeError(f"split must be an unlearnkit Split (from random_split / class_split), got "
-                        f"{type(split).__name__}")
-
-
 def _check_inputs(model: nn.Module, data: ImageDataset, hyper: dict[str, Any], target_forget_acc: float | None,
                   check_every: int | None) -> None:
-    device = next(model.parameters()).device
-    if device.type != data.device.type:
-        raise ValueError(f"the model is on {device} but the data on {data.device}; move one of them, "
-                         "e.g. model.to(data.device)")
     lr, epochs, batch_size = hyper["lr"], hyper["epochs"], hyper["batch_size"]
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number (the step size), got {lr!r}")
-    if not (isinstance(epochs, int) and epochs >= 1):
+    if isinstance(epochs, bool) or not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 2):
+    if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 2):
         raise ValueError(f"batch_size must be an integer of at least 2, got {batch_size!r}")
     if not 0 <= hyper["momentum"] < 1:
         raise ValueError(f"momentum must be in [0, 1), got {hyper['momentum']!r}")
@@ -135,8 +121,9 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
     One epoch is one pass over ``driver`` in shuffled batches; when ``companion`` is given, each
     step also draws a batch of it (cycling through it as often as needed). Forget accuracy is
     measured before the first step and then every ``check_every`` steps (default: at the end of
-    each epoch); the run stops as soon as it is ``<= target_forget_acc``. These checks are part of
-    the method, so they are inside the timed region.
+    each epoch); the run stops as soon as it is ``<= target_forget_acc``. With a target these checks
+    are part of the method, so they count in ``seconds``; without one they only record the trace, and
+    their time is left out (``details["trace_seconds"]``).
     """
     _check_inputs(model, data, hyper, target_forget_acc, check_every)
     device = data.device
@@ -150,8 +137,16 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
     optimizer = make_optimizer(model.parameters(), recipe, device)
     scaler = grad_scaler(device)
     steps_per_epoch = sum(1 for _ in batches(driver, hyper["batch_size"], shuffle=False))
-    trace, trace_steps, epoch_losses = [accuracy(model, data, split.forget)], [0], []
-    steps, epochs_run, stopped = 0, 0, False
+    trace, trace_steps, epoch_losses = [], [], []
+    steps, epochs_run, stopped, trace_seconds = 0, 0, False, 0.0
+
+    def record() -> None:
+        nonlocal trace_seconds
+        with Stopwatch(device) as check:
+            trace.append(accuracy(model, data, split.forget))
+        trace_steps.append(steps)
+        if target_forget_acc is None:
+            trace_seconds += check.seconds
 
     def reached() -> bool:
         return target_forget_acc is not None and trace[-1] <= target_forget_acc
@@ -165,6 +160,7 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
                 f"size is too large for this model. Lower lr (try lr={hyper['lr'] / 10:g}){brake}.")
 
     with Stopwatch(device) as watch:
+        record()
         stopped = reached()
         while not stopped and epochs_run < hyper["epochs"]:
             model.train()
@@ -181,8 +177,7 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
                 seen += len(batch)
                 if check_every is not None and steps % check_every == 0:
                     check_finite(total)  # a diverged model cannot be measured meaningfully
-                    trace.append(accuracy(model, data, split.forget))
-                    trace_steps.append(steps)
+                    record()
                     if reached():
                         stopped = True
                         break
@@ -190,21 +185,20 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
             epoch_losses.append(total.item() / max(seen, 1))
             epochs_run += 1
             if check_every is None:
-                trace.append(accuracy(model, data, split.forget))
-                trace_steps.append(steps)
+                record()
                 stopped = reached()
     model.eval()
     details = {**hyper, "seed": seed, "target_forget_acc": target_forget_acc,
                "stopped_early": stopped and steps < hyper["epochs"] * steps_per_epoch,
                "epochs_run": epochs_run, "steps": steps, "trace": trace, "trace_steps": trace_steps,
-               "epoch_losses": epoch_losses}
-    return UnlearningResult(model, watch.seconds, name, details)
+               "epoch_losses": epoch_losses, "trace_seconds": trace_seconds}
+    return UnlearningResult(model, watch.seconds - trace_seconds, name, details)
 
 
 def _resolve(method: str, model: nn.Module, data: ImageDataset, split: Split, given: dict[str, Any],
              ) -> dict[str, Any]:
     """Defaults for ``model``'s architecture, overridden by the arguments the caller gave."""
-    _check_types(model, data, split)
+    check_call(model, data, split)
     hyper = default_hyper(method, model)
     hyper.update({k: v for k, v in given.items() if v is not None})
     return hyper

@@ -35,7 +35,7 @@ from ..evaluate import accuracy
 from ..head import head_hessian, head_inputs
 from ..models import clone, head_of
 from ..train import batches
-from .base import Stopwatch, UnlearningResult, register
+from .base import Stopwatch, UnlearningResult, check_call, register
 
 WEIGHTINGS = ("influence", "uniform", "shuffled")
 PARAMETER_SETS = ("head", "all")
@@ -145,7 +145,8 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
                     params: str = "head", alpha: float = 0.2, lr: float = 0.01, epochs: int = 10,
                     batch_size: int = 256, momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
                     monitor: Split | None = None, eval_every: int | None = None,
-                    stop_at: float | None = None) -> tuple[list[dict[str, float]], float]:
+                    stop_at: float | None = None, features: Tensor | None = None,
+                    ) -> tuple[list[dict[str, float]], float]:
     """Weighted gradient ascent on ``data[indices]``, in place on ``model``.
 
     Each batch minimises ``-Σ w_i CE_i / Σ w_i + alpha * Σ|θ|`` over the chosen parameters with
@@ -164,6 +165,8 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
             only, and not timed.
         stop_at: stop as soon as a recorded forget accuracy is at or below this (in %); needs
             ``monitor``. The stopping rule for comparing methods at the same forgetting depth.
+        features: the head's inputs for ``data[indices]`` when the caller has them already
+            (``params="head"`` only); computed here otherwise.
 
     Returns:
         ``(history, seconds)``: one dict per evaluation (``step``, ``epoch``, ``forget acc``,
@@ -171,11 +174,13 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
     """
     if params not in PARAMETER_SETS:
         raise ValueError(f"params={params!r}: use 'head' (classifier only, the paper) or 'all'")
-    if epochs < 0 or batch_size < 1 or lr <= 0 or alpha < 0:
-        raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0, alpha >= 0; got epochs={epochs}, "
+    if epochs < 1 or batch_size < 2 or lr <= 0 or alpha < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 2, lr > 0, alpha >= 0; got epochs={epochs}, "
                          f"batch_size={batch_size}, lr={lr}, alpha={alpha}")
     if stop_at is not None and monitor is None:
         raise ValueError("stop_at needs a monitor split: the forget accuracy is what it watches")
+    if stop_at is not None and not 0 <= stop_at <= 100:
+        raise ValueError(f"stop_at is a forget accuracy in % (0 to 100), got {stop_at!r}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
     indices = torch.as_tensor(indices).to(data.device)
@@ -193,15 +198,21 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
 
     head = head_of(model)
     trained = list(head.parameters()) if params == "head" else list(model.parameters())
+    was_trainable = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(params == "all")
     for p in trained:
         p.requires_grad_(True)
     seconds = 0.0
     if params == "head":
-        with Stopwatch(data.device) as timer:
-            features = head_inputs(model, data, indices)
-        seconds += timer.seconds
+        if features is None:
+            with Stopwatch(data.device) as timer:
+                features = head_inputs(model, data, indices)
+            seconds += timer.seconds
+        elif len(features) != len(used):
+            raise ValueError(f"features has {len(features)} rows for {len(used)} indices; give one row per index")
+        else:
+            features = features[used]
     optimizer = torch.optim.SGD(trained, lr=lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(len(indices), device=data.device)
@@ -211,11 +222,12 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
     history = [watch(0, steps_per_epoch)] if watch is not None else []
     step = 0
     done = stop_at is not None and history[0]["forget acc"] <= stop_at
-    for _ in range(epochs):
-        if done:
-            break
-        for batch in batches(positions, batch_size, generator):
-            with Stopwatch(data.device) as timer:
+    monitor_seconds = 0.0  # evaluation only: taken out of the time, which syncs the device only here
+    with Stopwatch(data.device) as loop:
+        for _ in range(epochs):
+            if done:
+                break
+            for batch in batches(positions, batch_size, generator):
                 model.train(params == "all")
                 logits = head(features[batch]) if params == "head" else model(data.images[indices[batch]])
                 w = weights[batch]
@@ -226,16 +238,17 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
                 loss.backward()
                 optimizer.step()
                 model.eval()
-            seconds += timer.seconds
-            step += 1
-            if watch is not None and step % eval_every == 0:
-                history.append(watch(step, steps_per_epoch))
-                if stop_at is not None and history[-1]["forget acc"] <= stop_at:
-                    done = True
-                    break
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return history, seconds
+                step += 1
+                if watch is not None and step % eval_every == 0:
+                    with Stopwatch(data.device) as evaluation:
+                        history.append(watch(step, steps_per_epoch))
+                    monitor_seconds += evaluation.seconds
+                    if stop_at is not None and history[-1]["forget acc"] <= stop_at:
+                        done = True
+                        break
+    for p, trainable in zip(model.parameters(), was_trainable):
+        p.requires_grad_(trainable)
+    return history, seconds + loop.seconds - monitor_seconds
 
 
 @register("imu")
@@ -276,8 +289,10 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
     Returns:
         An :class:`UnlearningResult` whose ``details`` hold ``scores`` (influence, ``[n_forget]``,
         in the order of ``split.forget``), ``kept`` (bool mask), ``weights`` (the weights used),
-        ``history`` and the hyper-parameters. ``seconds`` covers the scores and the training.
+        ``history`` and the hyper-parameters. ``seconds`` covers the scores (when the weighting uses
+        them) and the training, not the tracking.
     """
+    check_call(model, data, split)
     if stop_at is not None and not track:
         raise ValueError("stop_at watches the recorded forget accuracy: use it with track=True")
     if isinstance(weighting, str) and weighting not in WEIGHTINGS:
@@ -291,6 +306,7 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
             logits = head(features)
         scores = influence_scores(features, logits, data.labels[forget], damping=damping, curvature=curvature)
         kept, weights = imu_weights(scores, top_fraction=top_fraction, clip_percentile=clip_percentile)
+    scoring_seconds = watch.seconds if isinstance(weighting, str) and weighting in ("influence", "shuffled") else 0.0
     if isinstance(weighting, Tensor):
         if weighting.shape != (len(forget),):
             raise ValueError(f"a weighting tensor needs shape ({len(forget)},) (one weight per forget sample, "
@@ -304,7 +320,8 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
     history, train_seconds = weighted_ascent(
         unlearned, data, forget, weights, params=params, alpha=alpha, lr=lr, epochs=epochs,
         batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed,
-        monitor=split if track else None, eval_every=eval_every, stop_at=stop_at)
+        monitor=split if track else None, eval_every=eval_every, stop_at=stop_at,
+        features=features if params == "head" else None)
     details: dict[str, Any] = {
         "scores": scores.cpu(), "kept": kept.cpu(), "weights": weights.cpu(), "history": history,
         "weighting": weighting if isinstance(weighting, str) else "custom", "curvature": curvature,
@@ -313,7 +330,7 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
         "weight_decay": weight_decay, "seed": seed, "stop_at": stop_at,
         "steps": history[-1]["step"] if history else None, "samples_ascended": int((weights > 0).sum()),
     }
-    return UnlearningResult(unlearned, watch.seconds + train_seconds, "imu", details)
+    return UnlearningResult(unlearned, scoring_seconds + train_seconds, "imu", details)
 
 
 def at_forget_accuracy(history: list[dict[str, float]], target: float) -> dict[str, float]:

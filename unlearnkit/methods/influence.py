@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from ..data import ImageDataset, Split
 from ..head import flat_head_params, head_hessian, head_inputs, per_sample_head_grads
 from ..models import clone, head_of
-from .base import Stopwatch, UnlearningResult, register
+from .base import Stopwatch, UnlearningResult, check_call, register
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params, Tensor, Tensor], Tensor]
@@ -563,7 +563,7 @@ def _head_hessian_chunked(features: Tensor, logits: Tensor, chunk: int = 2048) -
 
 @register("newton_head")
 def newton_head(model: nn.Module, data: ImageDataset, split: Split, *, weight_decay: float = 5e-4,
-                damping: float = 0.0) -> UnlearningResult:
+                damping: float = 0.0, label_smoothing: float = 0.0) -> UnlearningResult:
     """Classifier-level influence unlearning: one Newton step on the final linear layer, backbone frozen.
 
     With ``h`` the frozen features and ``θ = [W.flatten(), b]`` the head,
@@ -577,16 +577,19 @@ def newton_head(model: nn.Module, data: ImageDataset, split: Split, *, weight_de
         weight_decay: the L2 coefficient the model was trained with (``recipe.weight_decay``); it is
             also what makes the softmax head's Hessian invertible.
         damping: extra λ on the Hessian's diagonal (shrinks the step; needed if ``weight_decay=0``).
+        label_smoothing: the label smoothing the model was trained with (``recipe.label_smoothing``;
+            the CIFAR recipes use it): the step removes the forget set's gradients of the loss the
+            model was trained to a minimum of, so it must be that loss.
 
     Raises:
         TypeError: if the model has no final linear layer at ``.head``.
-        ValueError: for a negative hyper-parameter or a Hessian that is not positive definite.
+        ValueError: for a negative hyper-parameter, a bad split or a Hessian that is not positive definite.
     """
+    check_call(model, data, split)
     head = head_of(model)
     if weight_decay < 0 or damping < 0:
         raise ValueError(f"weight_decay={weight_decay} and damping={damping} must be >= 0")
-    if len(split.forget) == 0 or len(split.retain) == 0:
-        raise ValueError("the split needs a non-empty forget set and retain set")
+    unlearned = clone(model)  # outside the timed region, as in every other method
     with Stopwatch(data.device) as watch:
         with torch.no_grad():
             features_r = head_inputs(model, data, split.retain).double()
@@ -594,19 +597,19 @@ def newton_head(model: nn.Module, data: ImageDataset, split: Split, *, weight_de
             weight, bias = head.weight.double(), head.bias.double()
             theta = flat_head_params(head).double()
             forget_labels = data.labels[split.forget.to(data.device)]
-            grads = per_sample_head_grads(features_f, features_f @ weight.T + bias, forget_labels)
+            grads = per_sample_head_grads(features_f, features_f @ weight.T + bias, forget_labels,
+                                          label_smoothing)
             rhs = (grads.sum(0) + len(split.forget) * weight_decay * theta) / len(split.retain)
             hessian = _head_hessian_chunked(features_r, features_r @ weight.T + bias)
             # SGD's weight decay also decays the bias, so the L2 term goes on every entry, not only W.
             solve = solve_exact(hessian, rhs, damping=weight_decay + damping)
             new_theta = theta + solve.solution
-        unlearned = clone(model)
         new_head = head_of(unlearned)
         with torch.no_grad():
             n_weights = new_head.weight.numel()
             new_head.weight.copy_(new_theta[:n_weights].view_as(new_head.weight))
             new_head.bias.copy_(new_theta[n_weights:])
-    details = {"weight_decay": weight_decay, "damping": damping, "forgotten": len(split.forget),
-               "retained": len(split.retain), "step_norm": solve.solution.norm().item(),
+    details = {"weight_decay": weight_decay, "damping": damping, "label_smoothing": label_smoothing,
+               "forgotten": len(split.forget), "retained": len(split.retain), "step_norm": solve.solution.norm().item(),
                "residual": solve.residual, "head_params": theta.numel()}
     return UnlearningResult(unlearned, watch.seconds, "newton_head", details)

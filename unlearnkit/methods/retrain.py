@@ -7,7 +7,7 @@ from torch import nn
 from ..data import ImageDataset, Split
 from ..models import Classifier
 from ..train import Recipe, fit
-from .base import UnlearningResult, register
+from .base import UnlearningResult, check_call, register
 
 
 @register("retrain")
@@ -20,6 +20,7 @@ def retrain(model: nn.Module, data: ImageDataset, split: Split, *, recipe: Recip
     is the data. ``seconds`` is the training time (the recorded time when the model came from
     the cache).
     """
+    check_call(model, data, split)
     if not isinstance(model, Classifier):
         raise TypeError("retrain needs a unlearnkit.models.Classifier (it rebuilds the architecture from "
                         f"model.config); got {type(model).__name__}")

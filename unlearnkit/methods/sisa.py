@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, Split
-from ..models import Classifier, build_model
+from ..models import Classifier, build_model, clone
 from ..train import (
     Recipe,
     autocast,
@@ -49,7 +49,7 @@ from ..train import (
     save_checkpoint,
     train_model,
 )
-from .base import Stopwatch, UnlearningResult, register
+from .base import Stopwatch, UnlearningResult, check_call, register
 
 Aggregation = Literal["mean", "vote"]
 
@@ -293,7 +293,8 @@ class SISAEnsemble:
     def as_module(self, aggregation: Aggregation = "mean") -> SISAModel:
         """The ensemble as an ``nn.Module`` (sharing the constituents' weights) with the given aggregation.
 
-        A snapshot of the current constituents: after a :meth:`forget`, ask for a new one.
+        A view, not a copy: after a :meth:`forget` ask for a new one, since a retrained shard may
+        have been trained in place (sequential training) or replaced (vmapped training).
         """
         active = [len(self.shard_indices(s)) > 0 for s in range(self.n_shards)]
         return SISAModel(self.constituents, aggregation, active)
@@ -553,8 +554,8 @@ def train_stacked(models: list[nn.Module], data: ImageDataset, indices: list[Ten
     batch_index, batch_weight = batch_index.to(device), batch_weight.to(device)
     lrs, momenta, active = lrs.to(device), momenta.to(device), active.to(device)
 
-    base = copy.deepcopy(models[0]).to("meta")
-    params, buffers = torch.func.stack_module_state([m.train() for m in models])
+    base = copy.deepcopy(models[0]).to("meta").train()  # the functional calls run in the template's mode
+    params, buffers = torch.func.stack_module_state(list(models))
     params = {n: p.detach().clone() for n, p in params.items()}
     velocity = {n: torch.zeros_like(p) for n, p in params.items()}
     smoothing, decay, nesterov = recipe.label_smoothing, recipe.weight_decay, recipe.momentum > 0
@@ -614,6 +615,7 @@ def sisa(model: nn.Module, data: ImageDataset, split: Split, *, recipe: Recipe, 
         aggregation: ``"mean"`` (mean probability) or ``"vote"`` (majority vote).
         vmap, checkpoints, seed: see :meth:`SISAEnsemble.train`.
     """
+    check_call(model, data, split)
     if aggregation not in ("mean", "vote"):
         raise ValueError(f"aggregation must be 'mean' or 'vote', got {aggregation!r}")
     ensemble = SISAEnsemble.train(model, data, split.train, recipe, shards=shards, slices=slices, seed=seed,
@@ -625,7 +627,10 @@ def sisa(model: nn.Module, data: ImageDataset, split: Split, *, recipe: Recipe, 
         "samples_retrained": report.samples_retrained, "cost_fraction": report.cost_fraction,
         "report": report, "ensemble": ensemble,
     }
-    return UnlearningResult(ensemble.as_module(aggregation), report.seconds, "sisa", details)
+    # a copy, so that later requests to ``details["ensemble"]`` leave this result as it is
+    snapshot = SISAModel([clone(m) for m in ensemble.constituents], aggregation,
+                         [len(ensemble.shard_indices(s)) > 0 for s in range(ensemble.n_shards)])
+    return UnlearningResult(snapshot, report.seconds, "sisa", details)
 
 
 __all__ = ["ForgetReport", "SISAEnsemble", "SISAModel", "constituent_seed", "layout_seed",
