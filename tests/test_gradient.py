@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,7 @@ def test_random_labels_pulls_the_forget_set_down_more_than_the_retain_set(data, 
     ({"target_forget_acc": 87.5}, r"did you mean 0.875"),
     ({"check_every": 0}, "check_every must be"),
     ({"momentum": 1.0}, "momentum must be in"),
+    ({"schedule": "onecycle"}, "schedule must be one of"),
 ])
 def test_bad_hyper_parameters_are_rejected_with_a_fix(data, small_split, model, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -134,3 +137,24 @@ def test_without_a_target_the_trace_is_recorded_but_not_timed(data, small_split,
     assert len(result.details["trace"]) == 4 and result.details["trace_seconds"] > 0
     stopped = gradient_ascent(model, data, small_split, epochs=3, target_forget_acc=0.0)
     assert stopped.details["trace_seconds"] == 0.0  # with a target the checks are part of the method
+
+
+def test_cosine_schedule_anneals_the_step_to_zero_along_a_cosine(data, small_split, model):
+    """Step t of T takes lr * (1 + cos(pi t / T)) / 2, so the last step is the smallest and the next would be zero."""
+    lr, batch_size, seed = 0.005, 64, 3
+    result = gradient_ascent(model, data, small_split, lr=lr, epochs=2, batch_size=batch_size, seed=seed,
+                             schedule="cosine")
+    manual = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    reference = {name: p for (name, _), p in zip(model.named_parameters(), manual, strict=True)}
+    generator = torch.Generator().manual_seed(seed)
+    steps = [batch for _ in range(2) for batch in batches(small_split.forget, batch_size, generator)]
+    for t, batch in enumerate(steps):
+        logits = torch.func.functional_call(model, reference, (data.images[batch],))
+        grads = torch.autograd.grad(F.cross_entropy(logits, data.labels[batch]), manual)
+        with torch.no_grad():
+            for p, g in zip(manual, grads, strict=True):
+                p += lr * (1 + math.cos(math.pi * t / len(steps))) / 2 * g
+    for p, q in zip(result.model.parameters(), manual, strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+    assert result.details["final_lr"] == pytest.approx(0.0, abs=1e-12)
+    assert finetune(model, data, small_split, lr=lr, epochs=1).details["final_lr"] == lr  # the default: constant

@@ -35,7 +35,7 @@ from ..data import ImageDataset, Split
 from ..device import to_device_async
 from ..evaluate import accuracy
 from ..models import clone
-from ..train import Recipe, autocast, batches, grad_scaler, make_optimizer
+from ..train import Recipe, autocast, batches, grad_scaler, make_optimizer, make_schedule
 from .base import Stopwatch, UnlearningResult, check_call, register
 
 #: Defaults per method and architecture (``config["arch"]`` of the model). The MLP values were
@@ -70,6 +70,12 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+#: The learning-rate schedules of the loop: ``"constant"`` (the default) returns the last iterate of
+#: constant-step SGD, which is as noisy as the step is large; ``"cosine"`` anneals the step to zero over
+#: the planned steps, so the run ends where SGD settles (lesson 03 measures the difference).
+SCHEDULES = ("constant", "cosine")
+
+
 def default_hyper(method: str, model: nn.Module) -> dict[str, Any]:
     """The default hyper-parameters of ``method`` (``"ga"``, ``"neggrad+"``, ``"finetune"``,
     ``"random_labels"``) for ``model``'s architecture; models without a known ``config["arch"]``
@@ -77,7 +83,8 @@ def default_hyper(method: str, model: nn.Module) -> dict[str, Any]:
     if method not in DEFAULTS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DEFAULTS)}")
     arch = getattr(model, "config", {}).get("arch", "mlp")
-    return dict(DEFAULTS[method].get(arch, DEFAULTS[method]["mlp"]))
+    # a constant step, as the published baselines run these methods; "cosine" is the alternative
+    return {"schedule": "constant", **DEFAULTS[method].get(arch, DEFAULTS[method]["mlp"])}
 
 
 # A step's loss: (model, data, driver batch indices, companion batch indices or None) -> scalar.
@@ -99,6 +106,8 @@ def _check_inputs(model: nn.Module, data: ImageDataset, hyper: dict[str, Any], t
         raise ValueError(f"weight_decay must be >= 0, got {hyper['weight_decay']!r}")
     if "beta" in hyper and not 0 <= hyper["beta"] <= 1:
         raise ValueError(f"beta must be in [0, 1] (the weight of the retain loss), got {hyper['beta']!r}")
+    if hyper["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {hyper['schedule']!r}")
     if target_forget_acc is not None and not 0 <= target_forget_acc <= 1:
         hint = f"; did you mean {target_forget_acc / 100:g}?" if 1 < target_forget_acc <= 100 else ""
         raise ValueError(f"target_forget_acc is a fraction in [0, 1], got {target_forget_acc!r}{hint}")
@@ -133,10 +142,11 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
     pairs = _endless(torch.as_tensor(companion).to(device), hyper["batch_size"], generator) \
         if companion is not None else None
     recipe = Recipe(lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
-                    optimizer="sgd", schedule="constant")
+                    optimizer="sgd", schedule=hyper["schedule"])
     optimizer = make_optimizer(model.parameters(), recipe, device)
     scaler = grad_scaler(device)
     steps_per_epoch = sum(1 for _ in batches(driver, hyper["batch_size"], shuffle=False))
+    schedule = make_schedule(optimizer, recipe, hyper["epochs"] * steps_per_epoch)
     trace, trace_steps, epoch_losses = [], [], []
     steps, epochs_run, stopped, trace_seconds = 0, 0, False, 0.0
 
@@ -172,6 +182,8 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if schedule is not None:
+                    schedule.step()
                 steps += 1
                 total += loss.detach().float() * len(batch)
                 seen += len(batch)
@@ -191,7 +203,8 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
     details = {**hyper, "seed": seed, "target_forget_acc": target_forget_acc,
                "stopped_early": stopped and steps < hyper["epochs"] * steps_per_epoch,
                "epochs_run": epochs_run, "steps": steps, "trace": trace, "trace_steps": trace_steps,
-               "epoch_losses": epoch_losses, "trace_seconds": trace_seconds}
+               "epoch_losses": epoch_losses, "trace_seconds": trace_seconds,
+               "final_lr": optimizer.param_groups[0]["lr"]}
     return UnlearningResult(model, watch.seconds - trace_seconds, name, details)
 
 
@@ -207,8 +220,8 @@ def _resolve(method: str, model: nn.Module, data: ImageDataset, split: Split, gi
 @register("ga")
 def gradient_ascent(model: nn.Module, data: ImageDataset, split: Split, *, lr: float | None = None,
                     epochs: int | None = None, batch_size: int | None = None, momentum: float | None = None,
-                    weight_decay: float | None = None, seed: int = 0, target_forget_acc: float | None = None,
-                    check_every: int | None = None) -> UnlearningResult:
+                    weight_decay: float | None = None, schedule: str | None = None, seed: int = 0,
+                    target_forget_acc: float | None = None, check_every: int | None = None) -> UnlearningResult:
     """Gradient ascent (GA): climb the cross-entropy of the forget set, ``θ ← θ + lr·∇L(θ; D_f)``.
 
     The simplest approximate unlearning: undo training by running it backwards on D_f only. It is
@@ -224,6 +237,8 @@ def gradient_ascent(model: nn.Module, data: ImageDataset, split: Split, *, lr: f
         epochs: passes over the forget set (the most it runs; see ``target_forget_acc``).
         batch_size: forget samples per step.
         momentum, weight_decay: of the SGD optimizer (default 0 and 0: the plain update rule).
+        schedule: ``"constant"`` (default) keeps the step size fixed, as the published baselines
+            do; ``"cosine"`` anneals it to zero over ``epochs`` (see :data:`SCHEDULES`).
         seed: makes the batch order reproducible.
         target_forget_acc: stop as soon as forget accuracy (a fraction) is at or below this, e.g.
             the oracle's; ``None`` runs all epochs.
@@ -233,14 +248,16 @@ def gradient_ascent(model: nn.Module, data: ImageDataset, split: Split, *, lr: f
         An :class:`UnlearningResult` whose ``details`` hold the hyper-parameters, ``epochs_run``
         (epochs begun; the last one may be partial when the run stopped early), ``steps``,
         ``stopped_early``, ``trace`` (forget accuracy before the first step and at each check),
-        ``trace_steps`` (the step of each trace point) and ``epoch_losses``.
+        ``trace_steps`` (the step of each trace point), ``epoch_losses`` and ``final_lr`` (the step
+        size the schedule had reached when the run ended: zero after a whole cosine run).
 
     Raises:
         FloatingPointError: if the loss becomes NaN or infinite (the message names the step size).
         ValueError, TypeError: for bad input.
     """
     hyper = _resolve("ga", model, data, split, dict(lr=lr, epochs=epochs, batch_size=batch_size,
-                                                    momentum=momentum, weight_decay=weight_decay))
+                                                    momentum=momentum, weight_decay=weight_decay,
+                                                    schedule=schedule))
 
     def step_loss(net: nn.Module, d: ImageDataset, forget: Tensor, _: Tensor | None) -> Tensor:
         return -F.cross_entropy(net(d.images[forget]), d.labels[forget])
@@ -252,8 +269,9 @@ def gradient_ascent(model: nn.Module, data: ImageDataset, split: Split, *, lr: f
 @register("neggrad+")
 def neggrad_plus(model: nn.Module, data: ImageDataset, split: Split, *, beta: float | None = None,
                  lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
-                 momentum: float | None = None, weight_decay: float | None = None, seed: int = 0,
-                 target_forget_acc: float | None = None, check_every: int | None = None) -> UnlearningResult:
+                 momentum: float | None = None, weight_decay: float | None = None, schedule: str | None = None,
+                 seed: int = 0, target_forget_acc: float | None = None,
+                 check_every: int | None = None) -> UnlearningResult:
     """NegGrad+ (Kurmanji et al. 2023): descend on the retain loss while ascending on the forget loss,
     minimising ``β·CE(D_r) - (1-β)·CE(D_f)``.
 
@@ -268,12 +286,13 @@ def neggrad_plus(model: nn.Module, data: ImageDataset, split: Split, *, beta: fl
             (the smaller forget set is cycled).
         batch_size: samples per step from each of the two sets.
         momentum, weight_decay: of the SGD optimizer (default 0.9 and 5e-4).
-        seed, target_forget_acc, check_every: as in :func:`gradient_ascent`.
+        schedule, seed, target_forget_acc, check_every: as in :func:`gradient_ascent`.
 
     Returns and raises as :func:`gradient_ascent`.
     """
     hyper = _resolve("neggrad+", model, data, split, dict(beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
-                                             momentum=momentum, weight_decay=weight_decay))
+                                                          momentum=momentum, weight_decay=weight_decay,
+                                                          schedule=schedule))
     b = hyper["beta"]
 
     def step_loss(net: nn.Module, d: ImageDataset, retain: Tensor, forget: Tensor | None) -> Tensor:
@@ -288,8 +307,8 @@ def neggrad_plus(model: nn.Module, data: ImageDataset, split: Split, *, beta: fl
 @register("finetune")
 def finetune(model: nn.Module, data: ImageDataset, split: Split, *, lr: float | None = None,
              epochs: int | None = None, batch_size: int | None = None, momentum: float | None = None,
-             weight_decay: float | None = None, seed: int = 0, target_forget_acc: float | None = None,
-             check_every: int | None = None) -> UnlearningResult:
+             weight_decay: float | None = None, schedule: str | None = None, seed: int = 0,
+             target_forget_acc: float | None = None, check_every: int | None = None) -> UnlearningResult:
     """Fine-tuning (FT): keep training on the retain set only, for a few epochs.
 
     It relies on *catastrophic forgetting*: with the forget set gone from the data, the model
@@ -301,13 +320,17 @@ def finetune(model: nn.Module, data: ImageDataset, split: Split, *, lr: float | 
         epochs: passes over the retain set (default 2).
         batch_size: retain samples per step.
         momentum, weight_decay: of the SGD optimizer (default 0.9 and 5e-4).
-        seed, target_forget_acc, check_every: as in :func:`gradient_ascent` (the target is rarely
-            reached by fine-tuning, which does not push forget accuracy below test accuracy).
+        schedule, seed, target_forget_acc, check_every: as in :func:`gradient_ascent` (the target
+            is rarely reached by fine-tuning, which does not push forget accuracy below test
+            accuracy). With the constant default the result is the last iterate of SGD at a fixed
+            step, which can land several points from where the run was heading (lesson 03, full
+            mode, seed 2); ``schedule="cosine"`` lets it settle.
 
     Returns and raises as :func:`gradient_ascent`.
     """
     hyper = _resolve("finetune", model, data, split, dict(lr=lr, epochs=epochs, batch_size=batch_size,
-                                                          momentum=momentum, weight_decay=weight_decay))
+                                                          momentum=momentum, weight_decay=weight_decay,
+                                                          schedule=schedule))
 
     def step_loss(net: nn.Module, d: ImageDataset, retain: Tensor, _: Tensor | None) -> Tensor:
         return F.cross_entropy(net(d.images[retain]), d.labels[retain])
@@ -327,8 +350,8 @@ def wrong_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -
 @register("random_labels")
 def random_labels(model: nn.Module, data: ImageDataset, split: Split, *, lr: float | None = None,
                   epochs: int | None = None, batch_size: int | None = None, momentum: float | None = None,
-                  weight_decay: float | None = None, seed: int = 0, target_forget_acc: float | None = None,
-                  check_every: int | None = None) -> UnlearningResult:
+                  weight_decay: float | None = None, schedule: str | None = None, seed: int = 0,
+                  target_forget_acc: float | None = None, check_every: int | None = None) -> UnlearningResult:
     """Random labels (RL): keep training on the whole training set, with every forget sample's label
     replaced by a random *wrong* one: the mean of ``CE(x, y)`` over D_r and ``CE(x, ỹ)`` over D_f.
 
@@ -342,12 +365,13 @@ def random_labels(model: nn.Module, data: ImageDataset, split: Split, *, lr: flo
         epochs: passes over the training set D_r ∪ D_f, in shuffled batches.
         batch_size: samples per step.
         momentum, weight_decay: of the SGD optimizer (default 0.9 and 5e-4).
-        seed, target_forget_acc, check_every: as in :func:`gradient_ascent`.
+        schedule, seed, target_forget_acc, check_every: as in :func:`gradient_ascent`.
 
     Returns and raises as :func:`gradient_ascent`.
     """
     hyper = _resolve("random_labels", model, data, split, dict(lr=lr, epochs=epochs, batch_size=batch_size,
-                                                               momentum=momentum, weight_decay=weight_decay))
+                                                               momentum=momentum, weight_decay=weight_decay,
+                                                               schedule=schedule))
     # A lookup table over global indices, so a batch of forget indices finds its wrong labels.
     fake = data.labels.clone()
     forget = split.forget.to(data.device)
