@@ -83,7 +83,6 @@ def default_hyper(method: str, model: nn.Module) -> dict[str, Any]:
     if method not in DEFAULTS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DEFAULTS)}")
     arch = getattr(model, "config", {}).get("arch", "mlp")
-    # a constant step, as the published baselines run these methods; "cosine" is the alternative
     return {"schedule": "constant", **DEFAULTS[method].get(arch, DEFAULTS[method]["mlp"])}
 
 
@@ -145,8 +144,8 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
                     optimizer="sgd", schedule=hyper["schedule"])
     optimizer = make_optimizer(model.parameters(), recipe, device)
     scaler = grad_scaler(device)
-    steps_per_epoch = sum(1 for _ in batches(driver, hyper["batch_size"], shuffle=False))
-    schedule = make_schedule(optimizer, recipe, hyper["epochs"] * steps_per_epoch)
+    planned_steps = hyper["epochs"] * sum(1 for _ in batches(driver, hyper["batch_size"], shuffle=False))
+    schedule = make_schedule(optimizer, recipe, planned_steps)
     trace, trace_steps, epoch_losses = [], [], []
     steps, epochs_run, stopped, trace_seconds = 0, 0, False, 0.0
 
@@ -201,7 +200,7 @@ def _unlearn_loop(name: str, model: nn.Module, data: ImageDataset, split: Split,
                 stopped = reached()
     model.eval()
     details = {**hyper, "seed": seed, "target_forget_acc": target_forget_acc,
-               "stopped_early": stopped and steps < hyper["epochs"] * steps_per_epoch,
+               "stopped_early": stopped and steps < planned_steps,
                "epochs_run": epochs_run, "steps": steps, "trace": trace, "trace_steps": trace_steps,
                "epoch_losses": epoch_losses, "trace_seconds": trace_seconds,
                "final_lr": optimizer.param_groups[0]["lr"]}
