@@ -13,8 +13,8 @@ By default the images are **random uint8 tensors of CIFAR-10's shape** (3x32x32,
 CIFAR-10: the machines this was written on cannot download it, and speed does not depend on the
 pixels, so no accuracy is measured. With ``--real`` it trains on CIFAR-10 itself (from the cache
 under ``data/``, or downloaded with ``--download``, e.g. on Colab) and also records the original
-model's and the oracle's test accuracy (plain, without airbench's test-time flips), written to
-``cifar_real_<device type>``.
+model's and the oracle's test accuracy, plain and with airbench's test-time flips (each image
+classified by its logits plus its mirror image's), written to ``cifar_real_<device type>``.
 
 FLOPs per image (forward + backward, one training step) are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the peak comes from a table of known GPUs (dense
@@ -257,8 +257,9 @@ def bench_arch(arch: str, data: ImageDataset, args: argparse.Namespace, peak: fl
         oracle, record["oracle_s"] = fit(data, split.retain, recipe, arch=arch, seed=0, cache=False, progress=False)
         record["oracle_epochs"] = recipe.epochs
         if data.name == "cifar10":  # real images: accuracy means something
-            record["original_test_acc"] = accuracy(original, data, split.test)
-            record["oracle_test_acc"] = accuracy(oracle, data, split.test)
+            for name, model in (("original", original), ("oracle", oracle)):
+                record[f"{name}_test_acc"] = accuracy(model, data, split.test)
+                record[f"{name}_test_acc_flip_tta"] = accuracy(model, data, split.test, flip_tta=True)
         if args.methods:
             print(f"{arch}: unlearning methods ...", flush=True)
             record["methods"] = time_methods(original, data, split, recipe, args.methods, record["oracle_s"])
@@ -275,7 +276,8 @@ def markdown(report: dict) -> str:
         share = "n/a (CPU)" if r["fraction_of_bf16_peak"] is None else f"{r['fraction_of_bf16_peak']:.1%}"
         oracle = f"{r['oracle_s']:.2f} ({r['oracle_epochs']})" if "oracle_s" in r else "skipped"
         if "oracle_test_acc" in r:
-            oracle += f", test acc {r['oracle_test_acc']:.1%} (original {r['original_test_acc']:.1%})"
+            oracle += (f", test acc {r['oracle_test_acc']:.1%}, {r['oracle_test_acc_flip_tta']:.1%} with flips "
+                       f"(original {r['original_test_acc']:.1%}, {r['original_test_acc_flip_tta']:.1%})")
         waits = "n/a (CPU)" if r["gpu_waits_per_epoch"] is None else r["gpu_waits_per_epoch"]
         lines.append(f"| {r['arch']} | {r['n_train']} | {r['epoch_s_median']:.3f} | {r['images_per_s']:,.0f} | "
                      f"{r['train_gflop_per_image']:.2f} | {r['achieved_tflops']:.2f} | {share} | "
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         args.epochs = 1
     if args.real:
         data = load_dataset("cifar10", device, download=args.download)
-        note = "Real CIFAR-10; test accuracy of single models, no test-time augmentation."
+        note = ("Real CIFAR-10; test accuracy of single models, plain and with test-time flips (logits of each "
+                "image plus its mirror image's).")
     else:
         data = cifar_shaped(n_train, max(n_train // 5, 1), device)
         note = ("Random uint8 tensors of CIFAR-10's shape (3x32x32, 10 classes), not CIFAR-10 itself "

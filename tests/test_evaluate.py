@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from unlearnkit.evaluate import (
+    accuracy,
     assert_same_model,
     attack_auc,
     comparison_table,
@@ -126,6 +127,21 @@ def test_forward_in_batches_evaluates_in_eval_mode_and_restores_the_mode_even_on
     with pytest.raises(RuntimeError, match="boom"):
         forward_in_batches(model, data, small_split.test[:10], data.num_classes, broken)
     assert model.training, "the model was left in eval mode after the forward pass raised"
+
+
+def test_flip_tta_classifies_by_the_logits_of_an_image_and_its_mirror_image(data, small_split):
+    import dataclasses
+
+    model = model_for(data, "mlp", seed=0)
+    indices = small_split.test[:300]
+    x, y = data[indices]
+    with torch.no_grad():
+        by_hand = ((model(x) + model(x.flip(-1))).argmax(1) == y).float().mean().item()
+    assert accuracy(model, data, indices, flip_tta=True) == by_hand
+    # the sum is the same for an image and its mirror image, so mirroring the data cannot change the answer
+    mirrored = dataclasses.replace(data, images=data.images.flip(-1))
+    assert accuracy(model, mirrored, indices, flip_tta=True) == by_hand
+    assert accuracy(model, mirrored, indices) != accuracy(model, data, indices)  # unlike the plain accuracy
 
 
 def test_per_class_accuracy_has_one_entry_per_class(data, small_split):

@@ -115,9 +115,11 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     assert record["oracle_s"] > 0 and "oracle_test_acc" not in record  # random pixels: accuracy means nothing
     real = ImageDataset("cifar10", shaped.images, shaped.labels, 64, shaped.classes, shaped.mean, shaped.std)
     record = bench.bench_arch("fastnet", real, args, peak=None)
-    assert 0 <= record["oracle_test_acc"] <= 1 and 0 <= record["original_test_acc"] <= 1
+    for name in ("original", "oracle"):
+        assert 0 <= record[f"{name}_test_acc"] <= 1 and 0 <= record[f"{name}_test_acc_flip_tta"] <= 1
     header = record_header("cifar", torch.device("cpu"))
-    assert "test acc" in bench.markdown(header | {"real": True, "note": "n", "results": [record]})
+    table = bench.markdown(header | {"real": True, "note": "n", "results": [record]})
+    assert "test acc" in table and "with flips" in table
 
 
 def test_the_benchmark_profiles_an_epoch_at_the_batch_size_asked_for(benchmark_script, tmp_path):
