@@ -24,7 +24,8 @@ per epoch is the aim, one per step would leave the GPU idle while the CPU queues
 Each unlearning method runs once on the oracle's split; one-off work (SISA's ensemble, MIMU's control
 unit) is timed apart. The epochs are timed with cuDNN's autotuning on (:func:`cudnn_autotuning`); the
 original, the oracle and the methods run without it, as in the lessons.
-Writes ``cifar_<device type>.json`` and ``.md`` (``cifar_compile_...`` with ``--compile``) to
+Writes ``cifar_<device type>.json`` and ``.md`` (``cifar_compile_...`` with ``--compile``, ``cifar_bs512_...``
+with ``--batch-size 512``, ``cifar_..._epochs_...`` with ``--skip-oracle``) to
 ``--results``: medians of ``--repeats`` timed epochs after one warm-up epoch, with the device,
 versions and date.
 """
@@ -298,6 +299,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_name(args: argparse.Namespace) -> str:
+    """The record's file name before ``_<device type>``: each option that changes what is measured adds a part,
+    and an epochs-only run (``--skip-oracle``) never replaces a record that holds the methods' seconds."""
+    return ("cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
+            + (f"_bs{args.batch_size}" if args.batch_size else "") + ("_epochs" if args.skip_oracle else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, repeats=None, results=RESULTS,
                               repeats_help="timed epochs after the warm-up (default 3 on CUDA, 1 elsewhere)")
@@ -342,8 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "real": args.real, "compile": args.compile, "repeats": args.repeats,
         "cudnn_autotuning": "epochs" if device.type == "cuda" else "off", "results": [],
     }
-    name = ("cifar" + ("_real" if args.real else "") + ("_compile" if args.compile else "")
-            + (f"_bs{args.batch_size}" if args.batch_size else ""))
+    name = record_name(args)
     for arch in args.archs:  # written after each architecture, so a run cut off by a time limit keeps the first
         report["results"].append(bench_arch(arch, data, args, peak))
         text = markdown(report)

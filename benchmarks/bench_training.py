@@ -4,7 +4,8 @@
                                         [--threads N] [--results benchmarks/results]
 
 Writes ``training_<device type>.json`` (device, versions, sizes, every run and the median after one
-warm-up run) and a Markdown table beside it to ``--results``. Models are trained without the cache.
+warm-up run) and a Markdown table beside it to ``--results``; ``--mode full`` and ``--mode both`` write
+``training_full_...`` and ``training_both_...`` instead. Models are trained without the cache.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def time_mode(dataset: str, device: torch.device, quick: bool, repeats: int) -> 
     return record
 
 
+def record_name(mode: str) -> str:
+    """``training`` for quick mode; a full-mode record sits beside it (``training_full``) instead of replacing it."""
+    return "training" if mode == "quick" else f"training_{mode}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, repeats=3, results=RESULTS)
     parser.add_argument("--mode", choices=("quick", "full", "both"), default="quick")
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         lines.append(f"| {r['mode']} | {r['dataset']} | {r['arch']} | {r['n_train']} | {r['recipe']['epochs']} | "
                      f"{r['original_median_seconds']:.2f} | {r['oracle_median_seconds']:.2f} |")
-    write_results(report, "\n".join(lines), "training", device, args.results)
+    write_results(report, "\n".join(lines), record_name(args.mode), device, args.results)
     print("\n".join(lines))
 
 

@@ -134,6 +134,22 @@ def test_the_benchmark_profiles_an_epoch_at_the_batch_size_asked_for(benchmark_s
     assert "batch 8" in table and "aten::convolution" in table  # the epoch's convolutions were recorded
 
 
+def test_a_partial_benchmark_run_never_replaces_the_full_record(benchmark_script):
+    """An epochs-only CIFAR run once replaced the record of every method's seconds on the GPU machine (by name);
+    partial and full-mode runs are written under names of their own."""
+    import argparse
+
+    cifar = benchmark_script("bench_cifar")
+    plain = argparse.Namespace(real=False, compile=False, batch_size=None, skip_oracle=False)
+    assert cifar.record_name(plain) == "cifar"
+    assert cifar.record_name(argparse.Namespace(**{**vars(plain), "skip_oracle": True})) == "cifar_epochs"
+    assert cifar.record_name(argparse.Namespace(real=True, compile=True, batch_size=512, skip_oracle=True)) \
+        == "cifar_real_compile_bs512_epochs"
+    training = benchmark_script("bench_training")
+    assert [training.record_name(mode) for mode in ("quick", "full", "both")] == \
+        ["training", "training_full", "training_both"]
+
+
 def test_cudnn_autotunes_the_epoch_timing_only(benchmark_script, monkeypatch):
     """Autotuning makes each new input shape pay seconds of kernel timing (measured on an H100), which must
     not land in a one-off request's seconds: only the fixed-shape epoch timing, after a warm-up, uses it."""
