@@ -1,11 +1,13 @@
 """The course runner, and the conventions every committed lesson keeps."""
 
+import argparse
 import ast
 import json
 import os
 import sys
 
 import nbformat
+import pytest
 from papermill.translators import PythonTranslator
 
 from unlearnkit import REPOSITORY_URL, course
@@ -43,6 +45,26 @@ def test_course_command_runs_lessons_in_order_and_names_the_failing_cell(tmp_pat
     assert not runs["01_broken.ipynb"]["ok"] and runs["01_broken.ipynb"]["failed_cell"] is not None
     assert (out / "00_ok.html").exists() and (out / "01_broken.ipynb").exists()
     assert "1 passed, 1 failed" in (out / "summary.md").read_text()
+
+
+def test_course_across_seeds_tables_what_passed_for_each_seed(tmp_path, capsys):
+    lessons = tmp_path / "notebooks"
+    lessons.mkdir()
+    _notebook(lessons / "00_seeded.ipynb", "assert SEED != 2, f'seed {SEED} fails'", check_cells=(0,))
+    out = tmp_path / "out"
+
+    status = main(["course", "--device", "cpu", "--seeds", "0-2", "--no-html", "--out", str(out),
+                   "--notebooks", str(lessons)])
+
+    assert status == 1
+    table = (out / "seeds.md").read_text()
+    assert "| 00_seeded.ipynb | ok | ok | cell " in table and "2 of 3 runs passed" in table
+    assert "seed 2, 00_seeded.ipynb" in table and "seed 2 fails" in table
+    assert json.loads((out / "seed-1" / "summary.json").read_text())["parameters"]["SEED"] == 1
+    assert course.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("3-1", "a", "1-", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="write a range like 0-11"):
+            course.parse_seeds(bad)
 
 
 def test_every_lesson_keeps_the_conventions():

@@ -4,6 +4,9 @@ Every lesson notebook is executed in order with papermill (its ``parameters`` ce
 QUICK, DATASET, DEVICE and SEED), and the output folder receives the executed notebooks, an HTML
 rendering of each, and ``summary.md`` / ``summary.json``. The exit status is non-zero when any
 lesson fails, and the message names the notebook and the cell.
+
+``--seeds 0-11`` runs the course once per seed (into ``OUT/seed-N``) and writes ``seeds.md``, a lesson-by-seed
+table of what passed: a Check cell's margin should hold across seeds, not only for the one CI runs.
 """
 
 from __future__ import annotations
@@ -184,6 +187,35 @@ def _write_summary(out_dir: Path, runs: list[NotebookRun], parameters: dict) -> 
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-11"``, ``"3,5,8"`` or a mix (``"0-2,7"``) as a list of seeds."""
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not (last.isdigit() and int(last) >= int(first))):
+            raise argparse.ArgumentTypeError(f"seeds {text!r}: write a range like 0-11, a list like 3,5,8, or both")
+        seeds += range(int(first), int(last or first) + 1)
+    return seeds
+
+
+def write_seed_table(out_dir: Path, runs_by_seed: dict[int, list[NotebookRun]]) -> str:
+    """Write ``seeds.md``: one row per lesson, one column per seed, ``ok`` or the failing cell; return it."""
+    seeds = list(runs_by_seed)
+    lessons = {r.notebook: {} for runs in runs_by_seed.values() for r in runs}
+    for seed, runs in runs_by_seed.items():
+        for r in runs:
+            lessons[r.notebook][seed] = "ok" if r.ok else f"cell {r.failed_cell}"
+    lines = ["| lesson | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    lines += [f"| {name} | " + " | ".join(cells.get(s, "") for s in seeds) + " |" for name, cells in lessons.items()]
+    failures = [f"- seed {seed}, {r.notebook}, cell {r.failed_cell}: {r.error}".replace("|", "\\|")
+                for seed, runs in runs_by_seed.items() for r in runs if not r.ok]
+    passed = sum(r.ok for runs in runs_by_seed.values() for r in runs)
+    total = sum(len(runs) for runs in runs_by_seed.values())
+    text = "\n".join(["# Lessons across seeds", "", *lines, "", f"{passed} of {total} runs passed", "", *failures])
+    (out_dir / "seeds.md").write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``unlearnkit`` command (``unlearnkit course --help``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="unlearnkit", description="The machine-unlearning course's command.")
@@ -196,15 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     course.add_argument("--dataset", default="embedded", choices=DATASETS,
                         help="dataset for the MNIST-family lessons (default: the embedded offline subset)")
     course.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    course.add_argument("--seed", type=int, default=0)
+    seeds = course.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", type=parse_seeds, help="run once per seed, e.g. 0-11 or 0,3,5 (into OUT/seed-N), "
+                       "and write OUT/seeds.md, a lesson-by-seed table of what passed")
     course.add_argument("--out", type=Path, default=Path("course-output"), help="output folder")
     course.add_argument("--only", default=None, help="run only lessons whose file name contains this")
     course.add_argument("--no-html", dest="html", action="store_false", help="skip the HTML renderings")
     course.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of the lessons")
     args = parser.parse_args(argv)
 
-    runs = run_course(args.out, quick=args.quick, dataset=args.dataset, device=args.device, seed=args.seed,
-                      only=args.only, html=args.html, notebooks_dir=args.notebooks)
+    options = dict(quick=args.quick, dataset=args.dataset, device=args.device, only=args.only, html=args.html,
+                   notebooks_dir=args.notebooks)
+    if args.seeds:
+        runs_by_seed = {}
+        for seed in args.seeds:
+            print(f"== seed {seed}", flush=True)
+            runs_by_seed[seed] = run_course(args.out / f"seed-{seed}", seed=seed, **options)
+        print("\n" + write_seed_table(args.out, runs_by_seed))
+        return 0 if all(r.ok for runs in runs_by_seed.values() for r in runs) else 1
+    runs = run_course(args.out, seed=args.seed, **options)
     failed = [r for r in runs if not r.ok]
     print(f"\n{len(runs) - len(failed)} passed, {len(failed)} failed; executed notebooks, HTML and summary.md "
           f"in {args.out}")
