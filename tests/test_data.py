@@ -158,6 +158,7 @@ def test_check_split_rejects_hand_built_splits_that_make_no_sense(data):
         "both forgotten and retained": replace(good, retain=torch.arange(5, 100)),
         "overlap": replace(good, test=torch.arange(50, 60)),
         "retain set is empty": replace(good, retain=torch.arange(0)),
+        "test set is empty": replace(good, test=torch.arange(0)),
         "request": replace(good, request=torch.tensor([50])),
         "boolean mask": replace(good, forget=torch.zeros(100, dtype=torch.bool)),
     }

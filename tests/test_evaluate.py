@@ -146,10 +146,16 @@ def test_flip_tta_classifies_by_the_logits_of_an_image_and_its_mirror_image(data
     assert not torch.equal(plain.argmax(1), mirrored_plain.argmax(1))  # unlike the plain predictions
 
 
-def test_per_class_accuracy_has_one_entry_per_class(data, small_split):
+def test_per_class_accuracy_is_the_accuracy_on_each_class(data, small_split):
     model, _ = fit(data, small_split.train, RECIPE, seed=0, progress=False)
     acc = per_class_accuracy(model, data, small_split.test)
-    assert acc.shape == (10,) and ((acc >= 0) & (acc <= 1)).all()
+    labels = data.labels[small_split.test]
+    assert acc.shape == (10,)
+    for c in range(10):
+        assert acc[c].item() == pytest.approx(accuracy(model, data, small_split.test[labels == c]))
+    assert per_class_accuracy(model, data, small_split.test[labels == 3]).isnan().sum() == 9  # absent: NaN
+    with pytest.raises(ValueError, match="empty set"):
+        accuracy(model, data, small_split.test[:0])
 
 
 def test_assert_same_model_is_bitwise_on_the_cpu_and_names_what_differs(data, small_split):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from unlearnkit.evaluate import accuracy, confidences
 from unlearnkit.methods.base import METHODS
 from unlearnkit.methods.gradient import (
+    DEFAULTS,
     default_hyper,
     finetune,
     gradient_ascent,
@@ -14,6 +15,7 @@ from unlearnkit.methods.gradient import (
     random_labels,
     wrong_labels,
 )
+from unlearnkit.models import model_for
 from unlearnkit.train import Recipe, batches, fit
 
 ALL = [gradient_ascent, neggrad_plus, finetune, random_labels]
@@ -126,9 +128,13 @@ def test_bad_beta_and_bad_arguments(data, small_split, model):
         default_hyper("gd", model)
 
 
-def test_defaults_follow_the_architecture(model):
-    assert default_hyper("ga", model) == default_hyper("ga", torch.nn.Linear(2, 2))  # unknown arch: the MLP's
-    assert default_hyper("neggrad+", model)["beta"] < 1
+def test_defaults_follow_the_architecture(data, model):
+    cnn = model_for(data, "cnn", seed=0)
+    for method, table in DEFAULTS.items():
+        assert default_hyper(method, model) == {"schedule": "constant", **table["mlp"]}
+        assert default_hyper(method, cnn) == {"schedule": "constant", **table["cnn"]}
+        assert default_hyper(method, torch.nn.Linear(2, 2)) == default_hyper(method, model)  # unknown: the MLP's
+    assert default_hyper("finetune", cnn)["epochs"] != default_hyper("finetune", model)["epochs"]
 
 
 def test_without_a_target_the_trace_is_recorded_but_not_timed(data, small_split, model):

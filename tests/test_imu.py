@@ -90,7 +90,7 @@ def test_top_fraction_keeps_the_largest_negative_scores():
 
 @pytest.mark.parametrize("kwargs", [dict(top_fraction=0), dict(top_fraction=1.5), dict(clip_percentile=0)])
 def test_weights_reject_bad_hyper_parameters(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be in"):
         imu_weights(torch.tensor([-1.0]), **kwargs)
 
 
@@ -191,6 +191,11 @@ def test_bad_input_is_rejected_with_a_clear_message(setting):
         weighted_ascent(clone(model), data, split.forget, torch.zeros(len(split.forget)))
     with pytest.raises(ValueError, match=">= 0"):
         weighted_ascent(clone(model), data, split.forget, -torch.ones(len(split.forget)))
+    with pytest.raises(ValueError, match="params='head' only"):
+        weighted_ascent(clone(model), data, split.forget, torch.ones(len(split.forget)), params="all",
+                        features=torch.zeros(len(split.forget), model.head.in_features))
+    with pytest.raises(ValueError, match="give a monitor"):
+        weighted_ascent(clone(model), data, split.forget, torch.ones(len(split.forget)), eval_every=1)
     with pytest.raises(TypeError, match="final linear layer"):
         imu(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), data, split)
 
@@ -207,8 +212,9 @@ def test_recorded_accuracies_are_those_of_the_returned_model(setting):
 
 def test_imu_rejects_settings_that_would_do_nothing_and_restores_what_was_frozen(setting):
     data, split, model = setting
-    for bad, message in [({"batch_size": 1}, "batch_size >= 2"), ({"epochs": 0}, "epochs >= 1"),
-                         ({"stop_at": 250.0}, "in %")]:
+    for bad, message in [({"batch_size": 1}, "^batch_size=1 "), ({"epochs": 0}, "^epochs=0 "),
+                         ({"stop_at": 250.0}, "in %"), ({"stop_at": 0.9}, "not a fraction.*stop_at=90"),
+                         ({"track": False, "eval_every": 1}, "track=True")]:
         with pytest.raises(ValueError, match=message):
             imu(model, data, split, **bad)
     frozen = clone(model)

@@ -1,5 +1,7 @@
 """MIMU: the parameter graph, the control unit's gradient, masks, reversibility, saving."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,7 @@ def test_gumbel_topk_is_hard_forward_and_differentiable():
     assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
     (mask * torch.arange(50.0)).sum().backward()
     assert logits.grad.abs().sum() > 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k=50 must be between 1 and N-1=49"):
         M.gumbel_topk(logits, 50)
 
 
@@ -147,7 +149,7 @@ def test_masks_have_k_ones_and_overlap_is_normalised(setting, controller):
     assert torch.allclose(M.overlap_scores(masks[:1], masks[:1]), torch.ones(1))
     e = M.exclusivity(masks[:5], masks[5:])
     assert e.shape == (controller.targets.n_weights,) and e.abs().max() <= 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ranking='nonsense'"):
         controller.masks(data, split.forget[:2], "nonsense")
 
 
@@ -177,10 +179,16 @@ def test_requests_compose_revoke_one_by_one_without_drift(setting, controller):
         masked = result.model
         requests.append(result.details["request"])
     assert len(masked.requests) == 20
-    # composition is exact: the view equals a fresh view built from the union of the switched-off weights
+    # each request switched off weights that no earlier one had, and the view computes what the model computes
+    # with all of them written to zero in a copy
     union = torch.stack(list(masked.requests.values())).any(0)
-    fresh = M.MaskedModel(model, controller.targets, {"all": union})
-    assert torch.equal(masked(data.images[split.test]), fresh(data.images[split.test]))
+    assert sum(int(off.sum()) for off in masked.requests.values()) == int(union.sum()) > 0
+    zeroed = copy.deepcopy(model)
+    params = dict(zeroed.named_parameters())
+    with torch.no_grad():
+        for name, off in zip(controller.targets.names, controller.targets.split_flat(union), strict=True):
+            params[name][off] = 0.0
+    torch.testing.assert_close(masked(data.images[split.test]), zeroed(data.images[split.test]), rtol=0, atol=1e-6)
     for name in requests[:-1]:
         masked.revoke(name)
     last = M.MaskedModel(model, controller.targets, {"one": masked.requests[requests[-1]]})
@@ -242,13 +250,20 @@ def test_bad_input_is_rejected(setting, controller):
         M.mimu(model, data, split, controller=controller, ranking="best")
     with pytest.raises(ValueError, match="threshold"):
         M.mimu(model, data, split, controller=controller, threshold=2.0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="mimu needs a unlearnkit Classifier"):
         M.mimu(torch.nn.Linear(2, 2), data, split, controller=controller)
+    with pytest.raises(TypeError, match=r"unknown keyword arguments \['treshold'\]"):
+        M.mimu(model, data, split, treshold=0.5)
+    with pytest.raises(ValueError, match="reference_size=0"):
+        M.mimu(model, data, split, controller=controller, reference_size=0)
+    with pytest.raises(ValueError, match="not both"):
+        M.mimu(model, data, split, controller=controller, reference_size=10,
+               reference_bank=controller.bank(data, split.retain[:5]))
     with pytest.raises(ValueError, match="another model"):
         M.mimu(model_for(data, "mlp", hidden=(32, 16)), data, split, controller=controller)
     with pytest.raises(ValueError, match="bool"):
         M.MaskedModel(model, controller.targets).add_request(torch.zeros(3))
-    with pytest.raises(TypeError):  # a masked view hides its head: head-level code would bypass the mask
+    with pytest.raises(TypeError, match="no final linear layer"):  # a masked view hides its head from head-level code
         head_of(M.MaskedModel(model, controller.targets))
     assert METHODS["mimu"] is M.mimu
 

@@ -38,5 +38,9 @@ def test_model_for_reads_the_dataset_and_seed_fixes_the_weights(data):
 def test_a_model_without_a_head_gets_a_clear_error():
     with pytest.raises(TypeError, match="no final linear layer"):
         head_of(nn.Sequential(nn.Linear(3, 2)))
+    headed = nn.Module()
+    headed.head = nn.Linear(3, 2)  # a head, but no features(x) to feed it
+    with pytest.raises(TypeError, match="fed by `.features"):
+        head_of(headed)
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vit", (1, 28, 28), 10, (0.5,), (0.2,))

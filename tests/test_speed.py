@@ -91,7 +91,7 @@ def test_fastnet_is_much_cheaper_than_resnet18(benchmark_script):
 def test_the_benchmark_times_registered_methods_and_keeps_one_off_work_apart(benchmark_script):
     bench = benchmark_script("bench_cifar")
     assert "retrain" not in bench.UNLEARNING_METHODS and {"sisa", "mimu", "ga"} <= set(bench.UNLEARNING_METHODS)
-    data = _tiny_cifar(64)
+    data = _tiny_cifar(80, n_train=64)
     split = random_split(data, 0.1, seed=0)
     recipe = Recipe(epochs=1, batch_size=16)
     original, _ = fit(data, split.train, recipe, arch="mlp", seed=0, cache=False, progress=False)
@@ -110,7 +110,7 @@ def test_the_benchmark_records_test_accuracy_on_real_cifar10_only(benchmark_scri
     bench = benchmark_script("bench_cifar")
     args = argparse.Namespace(tiny=True, epochs=1, compile=False, repeats=1, skip_oracle=False, methods=[],
                               batch_size=None, profile=False)
-    shaped = _tiny_cifar(80)
+    shaped = _tiny_cifar(80, n_train=64)
     record = bench.bench_arch("fastnet", shaped, args, peak=None)
     assert record["oracle_s"] > 0 and "oracle_test_acc" not in record  # random pixels: accuracy means nothing
     real = ImageDataset("cifar10", shaped.images, shaped.labels, 64, shaped.classes, shaped.mean, shaped.std)

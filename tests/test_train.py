@@ -54,15 +54,22 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
 def test_batches_cover_every_index_once_and_drop_a_lone_last_sample():
     idx = torch.arange(10)
     got = torch.cat(list(batches(idx, 3, torch.Generator().manual_seed(0))))
-    assert len(got) == 9 and got.unique().numel() == 9 and got.max() <= 9  # 3+3+3, the lone tenth dropped
+    assert len(got) == 9 and got.unique().numel() == 9  # 3+3+3, the lone tenth dropped
     assert len(torch.cat(list(batches(torch.arange(9), 4, shuffle=False)))) == 8
     assert len(torch.cat(list(batches(torch.arange(10), 4, shuffle=False)))) == 10
 
 
-def test_flip_crop_keeps_shape_and_pixels_from_the_image():
-    x = torch.randint(1, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    y = flip_crop(x, torch.Generator().manual_seed(0))
+def test_a_batch_wide_crop_shifts_every_image_by_one_offset():
+    x = torch.randint(1, 256, (8, 3, 32, 32), dtype=torch.uint8)  # no zero pixel: padding shows
+    y = flip_crop(x, torch.Generator().manual_seed(0), per_sample=False)
     assert y.shape == x.shape and y.dtype == x.dtype
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    fits = []
+    for i in range(len(x)):
+        fits.append({(dy, dx) for dy in range(9) for dx in range(9) for image in (padded[i], padded[i].flip(-1))
+                     if torch.equal(image[:, dy:dy + 32, dx:dx + 32], y[i])})
+        assert fits[-1], f"image {i} is not a flipped or unflipped crop of its padded input"
+    assert set.intersection(*fits), f"no one offset fits every image: {fits}"
 
 
 def test_divergence_is_reported_with_the_step_size(data, small_split):

@@ -248,7 +248,7 @@ def check_split(data: ImageDataset, split: Split) -> None:
 
     Every unlearning method calls it first, so a hand-built :class:`Split` gets the same checks as one
     from :func:`make_split`: integer index tensors, in range, each index once, a non-empty forget set of
-    training images, a non-empty retain set disjoint from it, a test set disjoint from both, and the
+    training images, a non-empty retain set disjoint from it, a non-empty test set disjoint from both, and the
     latest ``request`` inside ``forget``.
     """
     if not isinstance(split, Split):
@@ -262,6 +262,9 @@ def check_split(data: ImageDataset, split: Split) -> None:
     if retain.numel() == 0:
         raise ValueError("the retain set is empty: the forget set covers the whole training set, so nothing "
                          "would be left to retain (retraining on nothing is not unlearning, it is deleting the model)")
+    if test.numel() == 0:
+        raise ValueError("the test set is empty: every comparison with the oracle and every membership attack needs "
+                         "held-out images; leave test=None to use the dataset's test pool")
     n = len(data)
     for name, indices in parts.items():
         bad = indices[(indices < 0) | (indices >= n)]

@@ -60,6 +60,9 @@ def accuracy(model: nn.Module, data: ImageDataset, indices: Tensor, *, flip_tta:
     (test-time augmentation by horizontal flips, as airbench reports its CIFAR-10 accuracy). Use it only
     where a mirror image keeps its label (photographs, not digits); the course's tables never do.
     """
+    if len(indices) == 0:
+        raise ValueError("accuracy of an empty set of images is undefined: give at least one index")
+
     def mirrored(x: Tensor) -> Tensor:
         return model(x) + model(x.flip(-1))
 

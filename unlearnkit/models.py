@@ -224,8 +224,9 @@ def clone(model: nn.Module) -> nn.Module:
 def head_of(model: nn.Module) -> nn.Linear:
     """The model's final linear layer, or a clear error if it has none."""
     head = getattr(model, "head", None)
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(model).__name__} has no final linear layer at `.head`; classifier-level methods "
-                        "need one. Build the model with unlearnkit.models (every model there has one), or wrap "
-                        "yours so that `model.head` is the last nn.Linear and `model.features(x)` its input.")
+    if not isinstance(head, nn.Linear) or not callable(getattr(model, "features", None)):
+        raise TypeError(f"{type(model).__name__} has no final linear layer at `.head` fed by `.features(x)`; "
+                        "classifier-level methods need both. Build the model with unlearnkit.models "
+                        "(every model there has them), or wrap yours so that `model.head` is the last nn.Linear and "
+                        "`model.features(x)` its input.")
     return head

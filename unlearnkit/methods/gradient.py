@@ -316,7 +316,7 @@ def finetune(model: nn.Module, data: ImageDataset, split: Split, *, lr: float | 
 
     Args:
         lr: step size (default per architecture, see :data:`DEFAULTS`); larger forgets more.
-        epochs: passes over the retain set (default 2).
+        epochs: passes over the retain set (default per architecture: 2 for the MLP, 3 for the CNNs).
         batch_size: retain samples per step.
         momentum, weight_decay: of the SGD optimizer (default 0.9 and 5e-4).
         schedule, seed, target_forget_acc, check_every: as in :func:`gradient_ascent` (the target

@@ -163,8 +163,9 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
         monitor: a split whose forget / retain / test accuracies (in %) are recorded before
             training and then every ``eval_every`` steps (default: once per epoch). Evaluation
             only, and not timed.
-        stop_at: stop as soon as a recorded forget accuracy is at or below this (in %); needs
-            ``monitor``. The stopping rule for comparing methods at the same forgetting depth.
+        stop_at: stop as soon as a recorded forget accuracy is at or below this (in %; a value between
+            0 and 1 is refused, as it is likely a fraction); needs ``monitor``. The stopping rule for
+            comparing methods at the same forgetting depth.
         features: the head's inputs for ``data[indices]`` when the caller has them already
             (``params="head"`` only); computed here otherwise.
 
@@ -174,15 +175,26 @@ def weighted_ascent(model: nn.Module, data: ImageDataset, indices: Tensor, weigh
     """
     if params not in PARAMETER_SETS:
         raise ValueError(f"params={params!r}: use 'head' (classifier only, the paper) or 'all'")
-    if epochs < 1 or batch_size < 2 or lr <= 0 or alpha < 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 2, lr > 0, alpha >= 0; got epochs={epochs}, "
-                         f"batch_size={batch_size}, lr={lr}, alpha={alpha}")
+    rules = (("epochs", epochs, ">= 1", epochs >= 1), ("batch_size", batch_size, ">= 2", batch_size >= 2),
+             ("lr", lr, "> 0", lr > 0), ("alpha", alpha, ">= 0", alpha >= 0))
+    broken = [f"{name}={value} (it must be {rule})" for name, value, rule, ok in rules if not ok]
+    if broken:
+        raise ValueError("; ".join(broken))
     if stop_at is not None and monitor is None:
         raise ValueError("stop_at needs a monitor split: the forget accuracy is what it watches")
     if stop_at is not None and not 0 <= stop_at <= 100:
         raise ValueError(f"stop_at is a forget accuracy in % (0 to 100), got {stop_at!r}")
+    if stop_at is not None and 0 < stop_at < 1:
+        raise ValueError(f"stop_at is a forget accuracy in %, not a fraction: {stop_at} would stop at {stop_at}%; "
+                         f"for {100 * stop_at:g}% give stop_at={100 * stop_at:g} (values between 0 and 1 are refused "
+                         "as ambiguous; 0 runs to a forget accuracy of zero)")
+    if eval_every is not None and monitor is None:
+        raise ValueError("eval_every sets how often the monitor split is evaluated: give a monitor with it")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
+    if features is not None and params != "head":
+        raise ValueError("features are the head's inputs, used with params='head' only; with params='all' the "
+                         "whole model runs forward, so leave features=None")
     indices = torch.as_tensor(indices).to(data.device)
     weights = torch.as_tensor(weights, dtype=torch.float32).to(data.device)
     if weights.shape != indices.shape:
@@ -282,19 +294,24 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
         track: record forget / retain / test accuracy (in %) before training and then every
             ``eval_every`` steps (default: each epoch) in ``details["history"]``. Evaluation only:
             training never reads the retain set.
-        stop_at: stop as soon as the recorded forget accuracy is at or below this (in %), e.g. the
-            oracle's; needs ``track``. Not the paper's recipe (it runs all epochs), but the rule
+        stop_at: stop as soon as the recorded forget accuracy is at or below this (in %, so 0 or 1 to
+            100; a value between 0 and 1 is refused, as it is likely a fraction), e.g. the oracle's; needs
+            ``track``. Not the paper's recipe (it runs all epochs), but the rule
             that compares methods at the same forgetting depth.
 
     Returns:
         An :class:`UnlearningResult` whose ``details`` hold ``scores`` (influence, ``[n_forget]``,
-        in the order of ``split.forget``), ``kept`` (bool mask), ``weights`` (the weights used),
+        in the order of ``split.forget``), ``kept`` (bool mask: the influence selection, computed
+        whatever the weighting), ``weights`` (the weights used, which with ``"uniform"`` or a tensor
+        need not follow ``kept``),
         ``history`` and the hyper-parameters. ``seconds`` covers the scores (when the weighting uses
         them) and the training, not the tracking.
     """
     check_call(model, data, split)
     if stop_at is not None and not track:
         raise ValueError("stop_at watches the recorded forget accuracy: use it with track=True")
+    if eval_every is not None and not track:
+        raise ValueError("eval_every sets how often the accuracies are recorded: use it with track=True")
     if isinstance(weighting, str) and weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}: use one of {WEIGHTINGS} or a tensor of per-sample weights")
     forget = split.forget.to(data.device)

@@ -25,6 +25,7 @@ Pieces, in the order a lesson meets them:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -839,7 +840,8 @@ def _check_bank(bank: ReferenceBank, split: Split, ranking: str) -> None:
 @register("mimu")
 def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Controller | None = None,
          threshold: float | None = None, chunk: int = 8, budget: float = 0.25, ranking: str = "learned",
-         reference_size: int = 500, reference_bank: ReferenceBank | None = None, mask_samples: int | None = 256,
+         reference_size: int | None = None, reference_bank: ReferenceBank | None = None,
+         mask_samples: int | None = 256,
          seed: int = 0, progress: bool = True, **train_options: Any) -> UnlearningResult:
     """Forget ``split.request`` by switching off the target weights its samples rely on exclusively.
 
@@ -854,7 +856,8 @@ def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Cont
         chunk: weights switched off per step of the scan.
         budget: at most this share of target weights is switched off.
         ranking: ``"learned"`` (MIMU), ``"saliency"`` or ``"random"`` (the baselines).
-        reference_size: retain samples whose masks stand for "what everyone else needs".
+        reference_size: retain samples whose masks stand for "what everyone else needs" (default 500);
+            not with ``reference_bank``, whose samples play that part.
         reference_bank: precomputed reference masks (a service keeps them between requests; then
             their cost is not in ``seconds``), e.g. ``controller.bank(data, retain_sample)``. Its
             samples must all be retained: drop forgotten ones with ``bank.without(split.forget)``.
@@ -873,6 +876,17 @@ def mimu(model: nn.Module, data: ImageDataset, split: Split, *, controller: Cont
         raise ValueError(f"ranking={ranking!r}; choose one of {RANKINGS}")
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold={threshold}: a confidence target must be in (0, 1)")
+    if reference_size is not None and reference_bank is not None:
+        raise ValueError("give reference_size or reference_bank, not both: the bank's samples are the reference")
+    reference_size = 500 if reference_size is None else reference_size
+    if reference_size < 1 or (mask_samples is not None and mask_samples < 1):
+        raise ValueError(f"reference_size={reference_size} and mask_samples={mask_samples} must be >= 1 (a number "
+                         "of samples; mask_samples=None uses every forget sample)")
+    controller_options = [*inspect.signature(train_controller).parameters][3:]  # after model, data, indices
+    unknown = sorted(set(train_options) - set(controller_options))
+    if unknown:
+        raise TypeError(f"mimu got unknown keyword arguments {unknown}; besides its own it takes train_controller's "
+                        f"options {controller_options}")
     controller_seconds = 0.0
     if controller is None:
         controller = train_controller(base, data, split.train, seed=seed, progress=progress, **train_options)
