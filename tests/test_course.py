@@ -67,6 +67,37 @@ def test_course_across_seeds_tables_what_passed_for_each_seed(tmp_path, capsys):
             course.parse_seeds(bad)
 
 
+def test_solutions_code_runs_after_its_lesson_and_a_broken_solution_fails_the_run(tmp_path, capsys):
+    lessons = tmp_path / "notebooks"
+    lessons.mkdir()
+    _notebook(lessons / "00_exercises.ipynb", "answer = 41", check_cells=(0,))
+    nb = nbformat.read(lessons / "00_exercises.ipynb", as_version=4)
+    nb.cells += [
+        nbformat.v4.new_markdown_cell("An example, not a solution:\n```python\nraise SystemExit\n```"),
+        nbformat.v4.new_markdown_cell("1. Add one.\n<details><summary>Solution 1</summary>\n\n```python\n"
+                                      "answer += 1\n```\n</details>\n\n2. Check it.\n<details><summary>Solution"
+                                      "</summary>\n\n```python\nassert answer == 42, answer\n```\nProse.\n</details>"),
+    ]
+    nbformat.write(nb, lessons / "00_exercises.ipynb")
+
+    assert course.solution_code(lessons / "00_exercises.ipynb") == ["answer += 1\n", "assert answer == 42, answer\n"]
+    copy = course.with_solutions(lessons / "00_exercises.ipynb", tmp_path / "copies")
+    appended = nbformat.read(copy, as_version=4).cells[-2:]
+    assert [c.source for c in appended] == ["answer += 1", "assert answer == 42, answer"]
+    assert all(c.cell_type == "code" and c.metadata.tags == ["solution"] for c in appended)
+    options = ["course", "--device", "cpu", "--no-html", "--notebooks", str(lessons)]
+    assert main([*options, "--out", str(tmp_path / "plain")]) == 0  # without --solutions they do not run
+    assert main([*options, "--solutions", "--out", str(tmp_path / "with")]) == 0
+
+    _notebook(lessons / "00_exercises.ipynb", "answer = 40", check_cells=(0,))
+    nb = nbformat.read(lessons / "00_exercises.ipynb", as_version=4)
+    nb.cells += [nbformat.v4.new_markdown_cell(
+        "<details><summary>Solution</summary>\n\n```python\nassert answer == 42, answer\n```\n</details>")]
+    nbformat.write(nb, lessons / "00_exercises.ipynb")
+    assert main([*options, "--solutions", "--out", str(tmp_path / "broken")]) == 1
+    assert "AssertionError: 40" in capsys.readouterr().err
+
+
 def test_every_lesson_keeps_the_conventions():
     for path in lesson_notebooks():
         nb = nbformat.read(path, as_version=4)
@@ -83,6 +114,10 @@ def test_every_lesson_keeps_the_conventions():
         assert colab and REPOSITORY_URL in colab[0], f"{path.name}: the Colab cell must clone {REPOSITORY_URL}"
         text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
         assert "<details>" in text, f"{path.name}: exercises need revealable solutions"
+        for code in course.solution_code(path):  # run by test_notebooks; held to the code's style here
+            compile(code, f"{path.name}, a solution", "exec")
+            long = [line for line in code.splitlines() if len(line) > 120]
+            assert not long, f"{path.name}: a solution's lines run past 120 characters: {long}"
 
 
 def test_a_lessons_widget_cells_only_draw():

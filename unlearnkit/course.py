@@ -7,6 +7,9 @@ lesson fails, and the message names the notebook and the cell.
 
 ``--seeds 0-11`` runs the course once per seed (into ``OUT/seed-N``) and writes ``seeds.md``, a lesson-by-seed
 table of what passed: a Check cell's margin should hold across seeds, not only for the one CI runs.
+
+``--solutions`` runs each lesson with the code of its exercises' revealable solutions appended, so that a
+solution that no longer runs (a renamed variable, a changed kit API) fails like a Check cell.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +34,9 @@ CELL_TIMEOUT = {"quick": 300, "full": 4 * 3600}
 #: ample, and it bounds the stall of jupyter/nbclient#312, where the reply to a widget cell is sometimes read
 #: only when the cell's timeout runs out.
 WIDGET_CELL_TIMEOUT = 60
+#: A revealable solution in a lesson's markdown, and a Python code block inside one.
+_SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution.*?</summary>(.*?)</details>", re.S)
+_PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
 @dataclass
@@ -62,6 +69,31 @@ def lesson_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
 def _count_check_cells(notebook_path: Path) -> int:
     cells = json.loads(notebook_path.read_text())["cells"]
     return sum("check" in c.get("metadata", {}).get("tags", []) for c in cells)
+
+
+def solution_code(notebook_path: Path) -> list[str]:
+    """The Python code blocks of a lesson's revealable solutions (``<details><summary>Solution``), in order."""
+    cells = json.loads(notebook_path.read_text())["cells"]
+    markdown = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    return [block for text in markdown for solution in _SOLUTION.findall(text)
+            for block in _PYTHON_BLOCK.findall(solution)]
+
+
+def with_solutions(path: Path, out_dir: Path) -> Path:
+    """Write ``out_dir/<lesson>``: the lesson with each solution's code appended as a code cell tagged ``solution``.
+
+    The solutions are written to run after the whole lesson (they use its variables), so they go at the
+    end, in the order the exercises ask them.
+    """
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells += [nbformat.v4.new_code_cell(code.rstrip(), metadata={"tags": ["solution"]})
+                       for code in solution_code(path)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy = out_dir / path.name
+    nbformat.write(notebook, copy)
+    return copy
 
 
 def execute_notebook(path: Path, out_dir: Path, parameters: dict, *, html: bool = True,
@@ -155,11 +187,16 @@ def _see_base_jupyter_data() -> None:
 
 def run_course(out_dir: Path, *, quick: bool = True, dataset: str = "embedded", device: str = "auto",
                seed: int = 0, only: str | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
-               html: bool = True) -> list[NotebookRun]:
-    """Execute every lesson (or those whose name contains ``only``) and write the summary."""
+               html: bool = True, solutions: bool = False) -> list[NotebookRun]:
+    """Execute every lesson (or those whose name contains ``only``) and write the summary.
+
+    With ``solutions``, each lesson runs with its solutions' code appended (:func:`with_solutions`).
+    """
     notebooks = [p for p in lesson_notebooks(notebooks_dir) if only is None or only in p.name]
     if not notebooks:
         raise FileNotFoundError(f"no lesson notebooks (NN_*.ipynb) matching {only!r} in {notebooks_dir}")
+    if solutions:
+        notebooks = [with_solutions(p, out_dir / "lessons-with-solutions") for p in notebooks]
     parameters = {"QUICK": quick, "DATASET": dataset, "DEVICE": device, "SEED": seed}
     runs = []
     for i, path in enumerate(notebooks, 1):
@@ -236,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     course.add_argument("--only", default=None, help="run only lessons whose file name contains this")
     course.add_argument("--no-html", dest="html", action="store_false", help="skip the HTML renderings")
     course.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of the lessons")
+    course.add_argument("--solutions", action="store_true",
+                        help="append the code of each exercise's solution to its lesson and run it too")
     args = parser.parse_args(argv)
 
     options = dict(quick=args.quick, dataset=args.dataset, device=args.device, only=args.only, html=args.html,
-                   notebooks_dir=args.notebooks)
+                   notebooks_dir=args.notebooks, solutions=args.solutions)
     if args.seeds:
         runs_by_seed = {}
         for seed in args.seeds:
