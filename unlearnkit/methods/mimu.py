@@ -453,7 +453,8 @@ class Controller:
         delta: the share of target weights each sample's mask keeps.
         config: how it was trained (saved with it).
         history: training loss terms per step (``nll``, ``prior``, ``log_q``, ``loss``).
-        seconds: training time (the one-off cost, not part of any request).
+        seconds: training time, the one-off cost not part of any request: the forward pass that computes the
+            target layers' inputs for the training samples, and the optimisation.
     """
 
     model: nn.Module
@@ -602,12 +603,14 @@ def train_controller(model: nn.Module, data: ImageDataset, indices: Tensor, *, l
     controller = Controller(model, targets, graph, unit, delta, config, {"nll": [], "prior": [], "log_q": [],
                                                                          "loss": []})
     k = controller.k
-    inputs = prefix_inputs(model, targets, data, indices)
     labels = data.labels[indices]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(unit.parameters(), lr=lr)
     unit.train()
     with Stopwatch(device) as watch:
+        # part of the one-off cost: the frozen layers' outputs for every training sample, a forward pass
+        # over the training set (18.7 of 19.3 s with full mode's CNN on two CPU cores)
+        inputs = prefix_inputs(model, targets, data, indices)
         for _ in tqdm(range(steps), desc="control unit", leave=False, disable=not progress, mininterval=1.0):
             batch = torch.randint(len(indices), (batch_size,), generator=generator).to(device)
             x, y = inputs[batch], labels[batch]
