@@ -3,11 +3,13 @@
 import copy
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import unlearnkit.methods.imu as imu_module
 from unlearnkit.data import load_dataset, random_split
 from unlearnkit.evaluate import accuracy
 from unlearnkit.head import head_inputs
@@ -223,3 +225,20 @@ def test_imu_rejects_settings_that_would_do_nothing_and_restores_what_was_frozen
     result = imu(frozen, data, split, params="all", epochs=1)
     flags = [p.requires_grad for p in result.model.parameters()]
     assert flags == [p.requires_grad for p in frozen.parameters()] and not flags[0]
+
+
+@pytest.mark.parametrize("weighting, params, pays", [("influence", "head", True), ("uniform", "head", True),
+                                                      ("uniform", "all", False)])
+def test_each_variant_pays_for_the_forward_pass_it_uses(setting, monkeypatch, weighting, params, pays):
+    """The head's inputs for the forget set cost a forward pass: a variant that needs them (for the scores, or to
+    ascend on the head alone) counts it; plain ascent on every parameter uses neither and does not."""
+    data, split, model = setting
+
+    def slow_head_inputs(*args, **kwargs):
+        time.sleep(0.3)
+        return head_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(imu_module, "head_inputs", slow_head_inputs)
+    alpha = 0.0 if params == "all" else 0.2
+    result = imu(model, data, split, weighting=weighting, params=params, alpha=alpha, epochs=1, track=False)
+    assert (result.seconds >= 0.3) == pays, result.seconds

@@ -305,7 +305,8 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
         whatever the weighting), ``weights`` (the weights used, which with ``"uniform"`` or a tensor
         need not follow ``kept``),
         ``history`` and the hyper-parameters. ``seconds`` covers the scores (when the weighting uses
-        them) and the training, not the tracking.
+        them), the forward pass to the head's inputs (when the scores or a head-only ascent use it) and
+        the training, not the tracking.
     """
     check_call(model, data, split)
     if stop_at is not None and not track:
@@ -317,13 +318,18 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
     forget = split.forget.to(data.device)
     unlearned = clone(model)
     head = head_of(unlearned)
-    with Stopwatch(data.device) as watch:
+    with Stopwatch(data.device) as forward:
         features = head_inputs(unlearned, data, forget)
+    with Stopwatch(data.device) as watch:
         with torch.no_grad():
             logits = head(features)
         scores = influence_scores(features, logits, data.labels[forget], damping=damping, curvature=curvature)
         kept, weights = imu_weights(scores, top_fraction=top_fraction, clip_percentile=clip_percentile)
-    scoring_seconds = watch.seconds if isinstance(weighting, str) and weighting in ("influence", "shuffled") else 0.0
+    # each variant pays for what it uses: the scores when its weights come from them, the forget set's head
+    # inputs when it needs the scores or ascends on the head alone (plain ascent on every parameter needs neither)
+    uses_scores = isinstance(weighting, str) and weighting in ("influence", "shuffled")
+    scoring_seconds = (watch.seconds if uses_scores else 0.0) + (forward.seconds if uses_scores or params == "head"
+                                                                 else 0.0)
     if isinstance(weighting, Tensor):
         if weighting.shape != (len(forget),):
             raise ValueError(f"a weighting tensor needs shape ({len(forget)},) (one weight per forget sample, "
