@@ -328,8 +328,9 @@ def imu(model: nn.Module, data: ImageDataset, split: Split, *, weighting: str | 
     # each variant pays for what it uses: the scores when its weights come from them, the forget set's head
     # inputs when it needs the scores or ascends on the head alone (plain ascent on every parameter needs neither)
     uses_scores = isinstance(weighting, str) and weighting in ("influence", "shuffled")
-    scoring_seconds = (watch.seconds if uses_scores else 0.0) + (forward.seconds if uses_scores or params == "head"
-                                                                 else 0.0)
+    scoring_seconds = watch.seconds if uses_scores else 0.0
+    if uses_scores or params == "head":
+        scoring_seconds += forward.seconds
     if isinstance(weighting, Tensor):
         if weighting.shape != (len(forget),):
             raise ValueError(f"a weighting tensor needs shape ({len(forget)},) (one weight per forget sample, "
