@@ -1,3 +1,4 @@
+import subprocess
 import sys
 
 import pytest
@@ -40,3 +41,19 @@ def test_seed_everything_makes_draws_repeat():
 def test_to_device_async_is_the_tensor_itself_on_the_cpu():
     draws = torch.randint(0, 9, (2, 5))
     assert to_device_async(draws, torch.device("cpu")) is draws
+
+
+def test_the_kit_hides_only_the_jit_script_deprecation_that_torch_raises_for_itself():
+    # a fresh interpreter: forward-mode AD loads its decompositions, and torch-geometric its scripted helpers, once
+    code = """
+import warnings
+import torch
+import unlearnkit
+import torch_geometric.nn
+square = lambda t: (t ** 2).sum()
+torch.func.jvp(torch.func.grad(square), (torch.ones(3),), (torch.ones(3),))
+warnings.warn("a learner's own FutureWarning", FutureWarning)
+"""
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert "torch.jit.script" not in run.stderr, run.stderr
+    assert "a learner's own FutureWarning" in run.stderr, "the kit must not hide other FutureWarnings"

@@ -36,13 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch_geometric.data import Data
+from torch_geometric.nn import GCNConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from tqdm.auto import tqdm
-
-with warnings.catch_warnings():  # torch-geometric scripts a few helpers with the deprecated torch.jit.script
-    warnings.simplefilter("ignore", FutureWarning)
-    from torch_geometric.data import Data
-    from torch_geometric.nn import GCNConv
-    from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from ..data import ImageDataset, Split
 from ..evaluate import confidences, true_class_confidence
